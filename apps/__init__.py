@@ -1,0 +1,1 @@
+"""apps: the Gradio comparison app (extra ``app``; in progress, issue 10)."""

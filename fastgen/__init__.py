@@ -1,0 +1,37 @@
+"""fastgen: make diffusers image generators faster in one call, and prove it with numbers.
+
+>>> import fastgen
+>>> from fastgen.testing import tiny_pipeline
+>>> pipe = tiny_pipeline("sd3")
+>>> fastgen.accelerate(pipe, "sampler:dpm++2m@8")      # doctest: +SKIP
+>>> fastgen.summary(pipe)                              # doctest: +SKIP
+>>> fastgen.remove(pipe)                               # doctest: +SKIP
+
+See README.md for every capability, ``fastgen info`` for what is installed, and ``fastgen bench`` for
+measured speed and quality.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .adapters import Adapter, get_adapter, supported_pipelines
+from .api import accelerate, remove, summary
+from .errors import (
+    FastgenError,
+    IncompatibleTechniquesError,
+    MissingExtraError,
+    RecipeError,
+    UnsupportedPipelineError,
+)
+from .models import list_models, load_model
+from .registry import Technique, list_techniques, parse_recipe, recipe_string, register_technique
+from .steps import StepsConfig
+from .utils.logging import get_logger, set_verbosity
+
+__all__ = [
+    "__version__", "accelerate", "remove", "summary", "parse_recipe", "recipe_string", "register_technique",
+    "list_techniques", "Technique", "Adapter", "get_adapter", "supported_pipelines", "load_model", "list_models",
+    "StepsConfig", "FastgenError", "RecipeError", "UnsupportedPipelineError", "IncompatibleTechniquesError",
+    "MissingExtraError", "get_logger", "set_verbosity",
+]

@@ -1,0 +1,1 @@
+"""Training-free caches (ToMe, RAS, step caches) land here; each registers its recipe prefix."""

@@ -1,0 +1,75 @@
+"""Offline tokenizers for the tiny and default pipelines.
+
+No tokenizer can be downloaded here, so fastgen builds a real ``transformers.CLIPTokenizer`` (byte-level
+BPE, the class SD/SDXL/SD3/FLUX load) from a vocabulary it writes itself: the 256 byte symbols, their
+end-of-word forms, and BPE merges that make each word of a given word list a single token. Any text
+still tokenizes (unknown words fall back to bytes); known words cost one token each, which is what a
+tiny text encoder trained on a small world needs.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+__all__ = ["BASE_WORDS", "build_word_tokenizer"]
+
+#: Words every fastgen tokenizer knows as single tokens (the shapes world adds its own vocabulary).
+BASE_WORDS: tuple[str, ...] = (
+    "a", "an", "the", "of", "and", "on", "in", "with", "photo", "picture", "image", "cat", "dog",
+    "sitting", "red", "green", "blue", "yellow", "sofa", "astronaut", "riding", "horse",
+)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable unicode map (the one byte-level BPE uses)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+@lru_cache(maxsize=8)
+def _vocab_and_merges(words: tuple[str, ...]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    byte_syms = list(_bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for s in byte_syms:
+        vocab.setdefault(s, len(vocab))
+    for s in byte_syms:
+        vocab.setdefault(s + "</w>", len(vocab))
+    merges: list[tuple[str, str]] = []
+    seen: set[tuple[str, str]] = set()
+    for word in sorted(set(w.lower() for w in words)):
+        if not word.isascii() or not word.isalpha():
+            raise ValueError(f"tokenizer words must be ASCII letters only, got {word!r}")
+        syms = list(word[:-1]) + [word[-1] + "</w>"]
+        left = syms[0]
+        for right in syms[1:]:
+            pair = (left, right)
+            left = left + right
+            if pair not in seen:
+                seen.add(pair)
+                merges.append(pair)
+                vocab.setdefault(left, len(vocab))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab.setdefault(special, len(vocab))
+    return vocab, merges
+
+
+def build_word_tokenizer(words: tuple[str, ...] | list[str] = BASE_WORDS, model_max_length: int = 77):
+    """Return a ``CLIPTokenizer`` in which each of ``words`` is one token (built offline, no files needed).
+
+    Args:
+        words: ASCII words to make single tokens. Other text still tokenizes byte by byte.
+        model_max_length: the tokenizer's maximum length (77 like CLIP).
+    """
+    from transformers import CLIPTokenizer
+
+    vocab, merges = _vocab_and_merges(tuple(words))
+    tok = CLIPTokenizer(vocab=dict(vocab), merges=list(merges))
+    tok.model_max_length = model_max_length
+    return tok

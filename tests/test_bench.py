@@ -1,0 +1,139 @@
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import fastgen
+from fastgen.bench import BenchSettings, benchmark, markdown_table, paired_ratio, paired_timing, plot_pareto, psnr, ssim, write_json
+from fastgen.cli import main
+from fastgen.testing import tiny_pipeline
+
+ROW_FIELDS = {"recipe", "model", "device", "latency_s", "speedup", "peak_mem_mb", "psnr", "ssim"}
+
+
+def test_psnr_and_ssim():
+    rng = np.random.default_rng(0)
+    a = rng.random((2, 16, 16, 3))
+    assert psnr(a, a) == math.inf and ssim(a, a) == pytest.approx(1.0)
+    b = np.clip(a + 0.1, 0, 1)
+    assert psnr(a, a * 0 + 0.5) < psnr(a, b)
+    # known value: constant error e -> 10 log10(1 / e^2)
+    c = np.full((1, 8, 8, 3), 0.5)
+    assert psnr(c, c + 0.01) == pytest.approx(40.0, abs=1e-6)
+    noisy = np.clip(a + rng.normal(0, 0.2, a.shape), 0, 1)
+    assert 0 < ssim(a, noisy) < ssim(a, b) <= 1
+    assert ssim(a, noisy) == pytest.approx(ssim(noisy, a))
+    u8 = (a * 255).astype(np.uint8)
+    assert psnr(u8, u8) == math.inf
+    with pytest.raises(ValueError, match="equal shapes"):
+        psnr(a, a[:1])
+
+
+def test_paired_timing_interleaves_and_wraps():
+    calls = []
+    times = paired_timing({"A": lambda: calls.append("A"), "B": lambda: calls.append("B")}, repeats=3, warmup=1,
+                          setup=lambda n: calls.append("+" + n), teardown=lambda n: calls.append("-" + n))
+    order = [c for c in calls if c in "AB"]
+    assert order == ["A", "B"] + ["A", "B"] * 3  # warm-up each, then interleaved rounds
+    assert calls[:3] == ["+A", "A", "-A"]
+    assert len(times["A"]) == len(times["B"]) == 3
+    assert paired_ratio([2.0, 4.0, 6.0], [1.0, 1.0, 2.0]) == 3.0
+    with pytest.raises(ValueError, match="repeats"):
+        paired_timing({"A": lambda: None}, repeats=0)
+
+
+def test_benchmark_rows_quality_and_reports(tmp_path):
+    pipe = tiny_pipeline("sd3")
+    settings = BenchSettings(steps=6, prompts=("a red circle", "two blue squares"), height=32, width=32, repeats=1)
+    rows = benchmark(pipe, ["sampler:dpm++2m@3"], settings, model_name="tiny-sd3", progress=False)
+    assert [r["recipe"] for r in rows] == ["baseline", "sampler:dpm++2m@3"]
+    for r in rows:
+        assert ROW_FIELDS <= set(r) and r["model"] == "tiny-sd3" and r["device"] == "cpu"
+        assert r["latency_s"] > 0 and r["peak_mem_mb"] > 0 and r["n_images"] == 2
+    base, fast = rows
+    assert base["psnr"] == math.inf and base["speedup"] == 1.0 and base["steps"] == 6
+    assert math.isfinite(fast["psnr"]) and fast["steps"] == 3 and fast["denoiser_calls"] == 3
+    assert base["denoiser_calls"] == 6
+    assert fastgen.summary(pipe)["recipe"] == "baseline" and not hasattr(pipe, "_fastgen")
+    write_json(rows, tmp_path / "rows.json")
+    loaded = json.loads((tmp_path / "rows.json").read_text())
+    assert loaded[0]["psnr"] == "inf" and ROW_FIELDS <= set(loaded[1])
+    assert "| sampler:dpm++2m@3 |" in markdown_table(rows)
+    png = plot_pareto(rows, str(tmp_path / "pareto.png"))
+    assert (tmp_path / "pareto.png").stat().st_size > 1000 and png.endswith(".png")
+
+
+def test_benchmark_quality_fn_and_control_rows():
+    pipe = tiny_pipeline("dit")
+    seen = {}
+
+    def quality_fn(prompts, images):
+        seen["n"] = len(prompts)
+        assert images.dtype == np.uint8 and images.shape[0] == len(prompts)
+        return {"overall": 0.5, "color": 1.0}
+
+    rows = benchmark(pipe, ["sampler:ddim@2"], BenchSettings(steps=8, prompts=("circle",), seeds=(0, 1), repeats=1, control=True),
+                     quality_fn=quality_fn, progress=False)
+    assert seen["n"] == 2 and rows[0]["score"] == 0.5 and rows[0]["score_color"] == 1.0
+    ctrl = [r for r in rows if r.get("control")]
+    assert all(r["recipe"].startswith("steps:") for r in ctrl)
+
+
+def test_benchmark_refuses_patched_pipe_and_bad_recipe():
+    pipe = tiny_pipeline("dit")
+    with pytest.raises(fastgen.RecipeError):
+        benchmark(pipe, ["nonsense:1"], progress=False)
+    fastgen.accelerate(pipe, "steps:2")
+    with pytest.raises(ValueError, match="unpatched"):
+        benchmark(pipe, ["baseline"], progress=False)
+
+
+def test_cli_bad_recipe_is_one_clear_line():
+    proc = subprocess.run([sys.executable, "-m", "fastgen.cli", "bench", "--recipe", "nonsense:1"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    err = [ln for ln in proc.stderr.splitlines() if ln.strip() and "torchvision" not in ln]
+    assert len(err) == 1 and err[0].startswith("fastgen: error: unknown technique 'nonsense'")
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_bench_writes_json(tmp_path, capsys):
+    out = tmp_path / "out.json"
+    rc = main(["bench", "--model", "tiny-sd3", "--recipe", "baseline", "--recipe", "sampler:dpm++2m@2", "--steps", "4",
+               "--repeats", "1", "--prompt", "a red circle", "--json", str(out), "--markdown", str(tmp_path / "t.md"),
+               "--plot", str(tmp_path / "p.png"), "--no-progress"])
+    assert rc == 0
+    rows = json.loads(out.read_text())
+    assert [r["recipe"] for r in rows] == ["baseline", "sampler:dpm++2m@2"]
+    assert all(ROW_FIELDS <= set(r) for r in rows)
+    assert "sampler:dpm++2m@2" in capsys.readouterr().out
+    assert (tmp_path / "p.png").exists() and (tmp_path / "t.md").exists()
+
+
+def test_cli_errors(capsys):
+    assert main(["bench", "--model", "tiny-nope"]) == 2
+    assert "unknown model 'tiny-nope'" in capsys.readouterr().err
+    assert main(["bench", "--model", "tiny-sd3", "--dtype", "int3"]) == 2
+    assert main(["bench", "--model", "./no/such/folder"]) == 2
+
+
+def test_cli_info_and_demo(tmp_path, capsys):
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert "sampler" in info["techniques"] and "StableDiffusion3Pipeline" in info["pipelines"]
+    assert set(info["extras"]) >= {"app", "quant", "mobile", "gpu"}
+    assert main(["demo", "--steps", "4", "--repeats", "1", "--out", str(tmp_path), "--no-progress",
+                 "--recipe", "sampler:dpm++2m@2"]) == 0
+    assert (tmp_path / "grid.png").exists() and (tmp_path / "results.json").exists()
+
+
+@pytest.mark.slow
+def test_acceptance_8_step_sampler_is_over_2x_faster(tmp_path):
+    out = tmp_path / "out.json"
+    assert main(["bench", "--model", "tiny-sd3", "--recipe", "baseline", "--recipe", "sampler:dpm++2m@8",
+                 "--steps", "28", "--json", str(out), "--no-progress"]) == 0
+    rows = {r["recipe"]: r for r in json.loads(out.read_text())}
+    assert rows["sampler:dpm++2m@8"]["speedup"] > 2

@@ -1,0 +1,49 @@
+import torch
+
+from fastgen.hooks import add_hook, remove_hook
+
+
+class _AddOne:
+    _is_stateful = False
+
+    def __init__(self):
+        self.fn_ref = None
+
+    def initialize_hook(self, module):
+        return module
+
+    def deinitalize_hook(self, module):
+        return module
+
+    def pre_forward(self, module, *args, **kwargs):
+        return args, kwargs
+
+    def post_forward(self, module, output):
+        return output + 1
+
+    def reset_state(self, module):
+        return module
+
+
+def test_add_remove_hook_leaves_module_as_found():
+    m = torch.nn.Linear(3, 3)
+    x = torch.randn(2, 3)
+    ref = m(x)
+    keys = set(m.__dict__)
+    add_hook(m, _AddOne(), "plus")
+    assert torch.allclose(m(x), ref + 1)
+    add_hook(m, _AddOne(), "plus")  # same name replaces, does not stack
+    assert torch.allclose(m(x), ref + 1)
+    remove_hook(m, "plus")
+    assert torch.equal(m(x), ref) and set(m.__dict__) == keys
+    remove_hook(m, "plus")  # no-op
+
+
+def test_remove_keeps_a_registry_someone_else_made():
+    from diffusers.hooks import HookRegistry
+
+    m = torch.nn.Linear(3, 3)
+    HookRegistry.check_if_exists_or_initialize(m)
+    add_hook(m, _AddOne(), "plus")
+    remove_hook(m, "plus")
+    assert hasattr(m, "_diffusers_hook") and "forward" not in m.__dict__
