@@ -136,8 +136,6 @@ def _grid(rows_of_images: list[tuple[str, np.ndarray]], path: str, scale: int = 
 
 def cmd_demo(args) -> int:
     from .bench import benchmark, markdown_table, write_json
-    from .bench.runner import _generate
-    from .api import accelerate, remove
     from .registry import parse_recipe
 
     parse_recipe(args.recipe)
@@ -147,15 +145,9 @@ def cmd_demo(args) -> int:
     settings = _settings(args)
     pipe = _load(args)
     os.makedirs(args.out, exist_ok=True)
-    rows = benchmark(pipe, ["baseline", args.recipe], settings, model_name=args.model, progress=not args.no_progress)
-    grid_rows = []
-    for recipe in ("baseline", args.recipe):
-        if recipe != "baseline":
-            accelerate(pipe, recipe)
-        try:
-            grid_rows.append((recipe, _generate(pipe, settings, list(settings.prompts))))
-        finally:
-            remove(pipe)
+    rows = benchmark(pipe, ["baseline", args.recipe], settings, model_name=args.model, progress=not args.no_progress,
+                     keep_images=True)
+    grid_rows = [(r["recipe"], r.pop("images")) for r in rows]
     _grid(grid_rows, os.path.join(args.out, "grid.png"))
     write_json(rows, os.path.join(args.out, "results.json"))
     table = markdown_table(rows)

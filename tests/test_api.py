@@ -199,3 +199,12 @@ def test_samplers_registry():
     assert flux.scheduler.config.use_flow_sigmas and flux.scheduler.config.use_dynamic_shifting
     _run(flux, steps=3)
     samplers.remove_sampler(flux)
+
+
+def test_missing_extra_names_the_extra():
+    from fastgen.errors import MissingExtraError, require_extra
+
+    with pytest.raises(MissingExtraError, match=r"pip install 'fastgen\[app\]'") as e:
+        require_extra("surely_not_installed_module_xyz", "app", "the Gradio app")
+    assert isinstance(e.value, ImportError) and "the Gradio app" in str(e.value)
+    assert require_extra("json", "dev").dumps([1]) == "[1]"

@@ -112,12 +112,14 @@ def benchmark(
     model_name: str = "",
     quality_fn: Callable[[list[str], np.ndarray], dict] | None = None,
     progress: bool = True,
+    keep_images: bool = False,
 ) -> list[dict]:
     """Benchmark ``recipes`` on ``pipe`` and return one flat dict per recipe (baseline first).
 
     Each row has ``recipe, model, device, dtype, threads, steps, latency_s, speedup, peak_mem_mb, psnr,
     ssim, denoiser_calls`` (plus ``score``/``score_*`` from ``quality_fn``, and the environment). The
-    baseline is added as the reference when not listed. The pipeline is left unpatched.
+    baseline is added as the reference when not listed. The pipeline is left unpatched. With
+    ``keep_images`` each row also holds ``images``: the quality pass's float images (N, H, W, 3).
     """
     s = settings or BenchSettings()
     parsed = {}
@@ -146,7 +148,9 @@ def benchmark(
                 r["control"] = True
             rows.extend(more[1:])
     for r in rows:
-        r.pop("_images", None)
+        images = r.pop("_images", None)
+        if keep_images:
+            r["images"] = images
     return rows
 
 
