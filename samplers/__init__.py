@@ -4,11 +4,13 @@ diffusers already ships DPM-Solver++ (Lu et al. 2022, arXiv 2211.01095), UniPC (
 arXiv 2302.04867), DDIM (Song et al. 2021) and the flow-matching Euler/Heun schedulers. This module does
 not rewrite them: it configures the right one for the pipeline's family (flow sigmas and the model's
 shift for flow-matching models; the training betas for epsilon models), and exposes it under a short
-name and the recipe string ``"sampler:NAME@STEPS"``.
+name and the recipe string ``"sampler:NAME@STEPS"``. Two training-free flow samplers that diffusers does
+not have live in :mod:`samplers.flow`: FlowTurbo's pseudo corrector and On-device Sora's Linear
+Proportional Leap.
 
 >>> import samplers
 >>> samplers.list()                                      # doctest: +SKIP
-['ddim', 'dpm++2m', 'dpm++2m-karras', 'euler', 'heun', 'unipc']
+['ddim', 'dpm++2m', 'dpm++2m-karras', 'euler', 'heun', 'lpl', 'pseudo-corrector', 'unipc']
 >>> samplers.set_sampler(pipe, "dpm++2m", steps=8)       # doctest: +SKIP
 >>> samplers.remove_sampler(pipe)                        # the original scheduler object comes back
 """
@@ -18,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from fastgen.hooks import attach, detach_if_empty, get_state
+from fastgen.hooks import add_hook, attach, detach_if_empty, get_state, remove_hook
 from fastgen.registry import Technique, register_technique
 from fastgen.utils.logging import get_logger
 
@@ -98,6 +100,18 @@ def _heun(orig):
     return HeunDiscreteScheduler(**_eps_kwargs(orig))
 
 
+def _flow_only(cls_name: str, sampler: str):
+    def build(orig, **kw):
+        from . import flow
+
+        if not is_flow_scheduler(orig):
+            raise ValueError(f"{sampler} is for flow-matching models (SD3, FLUX, Sana, Lumina2); "
+                             f"{type(orig).__name__} drives an epsilon/v model: use 'dpm++2m' or 'unipc'")
+        return getattr(flow, cls_name).from_config(_euler(orig).config, **kw)
+
+    return build
+
+
 def _ddim(orig):
     from diffusers import DDIMScheduler
 
@@ -113,6 +127,10 @@ _SAMPLERS: dict[str, tuple[Callable, str]] = {
     "dpm++2m": (_dpmpp2m, "DPM-Solver++(2M), flow sigmas for flow models"),
     "dpm++2m-karras": (lambda o: _dpmpp2m(o, karras=True), "DPM-Solver++(2M) with Karras sigmas (epsilon models)"),
     "unipc": (_unipc, "UniPC-2M (bh2), flow sigmas for flow models"),
+    "pseudo-corrector": (_flow_only("FlowPseudoCorrectorScheduler", "pseudo-corrector"),
+                         "FlowTurbo pseudo corrector: Heun-quality flow steps at 1 model call per step"),
+    "lpl": (_flow_only("FlowLPLScheduler", "lpl"),
+            "Linear Proportional Leap: flow Euler that leaps to the end once velocities settle"),
 }
 
 
@@ -149,8 +167,49 @@ class SamplerConfig:
             raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
 
 
+_SKIP_HOOK = "fastgen_lpl_skip"
+
+
+class _LeapSkipHook:
+    """Denoiser hook: once the scheduler has leapt to the end, return the cached output instead of running."""
+
+    _is_stateful = False
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+        self.fn_ref = None
+        self.cached = None
+        self.skipped = 0
+
+    def initialize_hook(self, module):
+        return module
+
+    def deinitalize_hook(self, module):  # diffusers' spelling
+        return module
+
+    def new_forward(self, module, *args, **kwargs):
+        if self.scheduler.leaped and self.cached is not None:
+            self.skipped += 1
+            return self.cached
+        self.cached = self.fn_ref.original_forward(*args, **kwargs)
+        return self.cached
+
+    def pre_forward(self, module, *args, **kwargs):
+        return args, kwargs
+
+    def post_forward(self, module, output):
+        return output
+
+    def reset_state(self, module):
+        return module
+
+
 def _on_call(pipe, kwargs: dict) -> dict:
-    cfg: SamplerConfig = get_state(pipe).applied[_NAME]
+    st = get_state(pipe)
+    cfg: SamplerConfig = st.applied[_NAME]
+    hook = st.saved.get(_SKIP_HOOK)
+    if hook is not None:
+        hook.cached, hook.skipped = None, 0
     if cfg.steps is not None:
         kwargs = {**kwargs, "num_inference_steps": cfg.steps}
     return kwargs
@@ -167,6 +226,13 @@ def set_sampler(pipe, name: str | SamplerConfig = "dpm++2m", steps: int | None =
     new = make_scheduler(config.name, original)  # raises before anything is patched
     st = attach(pipe)
     st.saved[_NAME] = original
+    denoiser = st.adapter.denoiser(pipe)
+    if _SKIP_HOOK in st.saved:
+        remove_hook(denoiser, _SKIP_HOOK)
+        del st.saved[_SKIP_HOOK]
+    if hasattr(new, "leaped"):
+        st.saved[_SKIP_HOOK] = _LeapSkipHook(new)
+        add_hook(denoiser, st.saved[_SKIP_HOOK], _SKIP_HOOK)
     pipe.scheduler = new
     st.applied[_NAME] = config
     st.call_hooks[_NAME] = _on_call
@@ -179,6 +245,8 @@ def remove_sampler(pipe):
     st = get_state(pipe)
     if st is not None and _NAME in st.applied:
         pipe.scheduler = st.saved.pop(_NAME)
+        if st.saved.pop(_SKIP_HOOK, None) is not None:
+            remove_hook(st.adapter.denoiser(pipe), _SKIP_HOOK)
         del st.applied[_NAME]
         st.call_hooks.pop(_NAME, None)
         detach_if_empty(pipe)
@@ -194,12 +262,21 @@ def _parse(args: str | None) -> SamplerConfig:
     return SamplerConfig(name.strip().lower(), int(steps) if steps else None)
 
 
+def _summary(pipe) -> dict:
+    st = get_state(pipe)
+    out = {"scheduler": type(pipe.scheduler).__name__}
+    hook = st.saved.get(_SKIP_HOOK)
+    if hook is not None:
+        out.update(leap_step=pipe.scheduler.leap_step, denoiser_calls_skipped=hook.skipped)
+    return out
+
+
 def _check(pipe, adapter, config: SamplerConfig) -> None:
     make_scheduler(config.name, pipe.scheduler)
 
 
 register_technique(Technique(
-    name=_NAME, config_cls=SamplerConfig, parse=_parse, apply=set_sampler, remove=remove_sampler, check=_check,
+    name=_NAME, config_cls=SamplerConfig, parse=_parse, apply=set_sampler, remove=remove_sampler, check=_check, summary=_summary,
     to_string=lambda c: f"sampler:{c.name}" + (f"@{c.steps}" if c.steps else ""),
     help="few-step sampler: " + ", ".join(list()), example="sampler:dpm++2m@8",
 ))

@@ -1,0 +1,107 @@
+"""Samplers: integrator accuracy on an exact flow (Gaussian data), and pipeline behaviour on tiny classes."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+import fastgen
+import samplers
+from samplers.flow import FlowLPLScheduler, FlowPseudoCorrectorScheduler
+from fastgen.testing import default_call_kwargs, tiny_pipeline
+
+MU, S = 1.5, 0.3  # data ~ N(MU, S^2): the flow ODE maps noise z exactly to MU + S z
+
+
+def _velocity(x, sigma):
+    a2 = (1 - sigma) ** 2 * S**2 + sigma**2
+    return (sigma - (1 - sigma) * S**2) / a2 * (x - (1 - sigma) * MU) - MU
+
+
+def _integrate(scheduler, steps, z):
+    scheduler.set_timesteps(steps)
+    x, calls = z.clone(), 0
+    for t in scheduler.timesteps:
+        sigma = float(t) / scheduler.config.num_train_timesteps
+        x = scheduler.step(_velocity(x, sigma), t, x).prev_sample
+        calls += 1
+    return x, calls
+
+
+@pytest.mark.parametrize("steps", [4, 8])
+def test_pseudo_corrector_beats_euler_at_equal_calls(steps):
+    z = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
+    exact = MU + S * z
+    euler, n_e = _integrate(FlowMatchEulerDiscreteScheduler(shift=1.0), steps, z)
+    pc, n_p = _integrate(FlowPseudoCorrectorScheduler(shift=1.0), steps, z)
+    assert n_e == n_p == steps
+    err_e, err_p = (euler - exact).abs().max().item(), (pc - exact).abs().max().item()
+    assert err_p < 0.5 * err_e, (err_p, err_e)
+
+
+def test_lpl_leaps_on_a_straight_path_and_lands_on_the_data():
+    z = torch.randn(2, 64, generator=torch.Generator().manual_seed(1))
+    v_const = torch.full_like(z, 0.7)  # a perfectly straight path: x_sigma = x1 + (sigma - 1) v
+    sched = FlowLPLScheduler(shift=1.0, lpl_min_fraction=0.3, lpl_patience=2)
+    sched.set_timesteps(20)
+    x = z.clone()
+    for t in sched.timesteps:
+        x = sched.step(v_const, t, x).prev_sample
+    assert sched.leaped and sched.leap_step == 5  # >= 30% of 20 steps and 2 stale comparisons
+    torch.testing.assert_close(x, z - v_const)  # exact endpoint after one linear leap
+    sched.set_timesteps(20)  # state is per call
+    assert not sched.leaped and sched.leap_step is None
+    with pytest.raises(ValueError, match="lpl_patience"):
+        FlowLPLScheduler(lpl_patience=0)
+
+
+def test_lpl_without_a_leap_is_plain_euler_and_a_leap_returns_the_x0_prediction():
+    z = torch.randn(2, 64, generator=torch.Generator().manual_seed(2))
+    euler, _ = _integrate(FlowMatchEulerDiscreteScheduler(shift=1.0), 12, z)
+    never, _ = _integrate(FlowLPLScheduler(shift=1.0, lpl_min_fraction=1.0), 12, z)
+    torch.testing.assert_close(never, euler)
+    sched = FlowLPLScheduler(shift=1.0, lpl_min_fraction=0.0, lpl_patience=1, lpl_tol=1.0)
+    leapt, _ = _integrate(sched, 12, z)
+    # the first comparison (step 1) always counts as an improvement, so with patience 1 the leap comes at
+    # step 2: x0 = x_2 - sigma_2 v(x_2, sigma_2), the flow's denoised estimate at that point
+    sig = [float(v) for v in sched.sigmas]
+    x = z
+    for i in range(2):
+        x = x + (sig[i + 1] - sig[i]) * _velocity(x, sig[i])
+    assert sched.leap_step == 2
+    torch.testing.assert_close(leapt, x - sig[2] * _velocity(x, sig[2]))
+
+
+def test_lpl_skips_real_denoiser_calls_and_reports_it():
+    pipe = tiny_pipeline("sd3")
+    fastgen.accelerate(pipe, "sampler:lpl@12")
+    pipe.scheduler.lpl_min_fraction, pipe.scheduler.lpl_tol = 0.25, 1.0  # force a leap on random weights
+    pipe.scheduler.lpl_patience = 1
+    calls = []
+    handle = pipe.transformer.transformer_blocks[0].register_forward_hook(lambda *a: calls.append(1))
+    out = pipe(**default_call_kwargs(pipe, steps=30), height=32, width=32, output_type="np").images
+    handle.remove()
+    rec = fastgen.summary(pipe)["last_call"]["sampler"]
+    assert np.isfinite(out).all() and rec["scheduler"] == "FlowLPLScheduler"
+    assert rec["leap_step"] is not None and rec["denoiser_calls_skipped"] == 12 - rec["leap_step"] - 1
+    assert len(calls) == rec["leap_step"] + 1  # blocks ran only up to the leap
+    fastgen.remove(pipe)
+    assert not hasattr(pipe.transformer, "_diffusers_hook") and "forward" not in pipe.transformer.__dict__
+
+
+@pytest.mark.parametrize("name", ["pseudo-corrector", "lpl"])
+def test_flow_samplers_run_on_flow_pipelines_and_refuse_epsilon_ones(name):
+    for kind in ("sd3", "flux"):
+        pipe = tiny_pipeline(kind)
+        ref = pipe(**default_call_kwargs(pipe, steps=4), height=32, width=32, output_type="np").images
+        fastgen.accelerate(pipe, f"sampler:{name}@4")
+        out = pipe(**default_call_kwargs(pipe, steps=4), height=32, width=32, output_type="np").images
+        assert np.isfinite(out).all() and out.shape == ref.shape
+        fastgen.remove(pipe)
+        np.testing.assert_array_equal(pipe(**default_call_kwargs(pipe, steps=4), height=32, width=32, output_type="np").images, ref)
+    with pytest.raises(ValueError, match="flow-matching models"):
+        fastgen.accelerate(tiny_pipeline("sd"), f"sampler:{name}")
+
+
+def test_registry_lists_the_flow_samplers():
+    assert {"lpl", "pseudo-corrector"} <= set(samplers.list())
