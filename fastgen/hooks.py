@@ -10,6 +10,9 @@ Two mechanisms, both reversible:
   lets the applied techniques adjust the call's keyword arguments, and records what happened. The
   original class is kept and restored by :func:`detach_if_empty` (``isinstance`` and ``save_pretrained``
   are unaffected while attached).
+* **Step index**: a hook on the denoiser (kept outermost) counts the call's denoiser forwards and distinct
+  timesteps into ``get_state(pipe).call`` (:class:`CallState`). Techniques read ``call.step_index`` there:
+  the step comes from the call itself, never from looking the timestep up in the schedule.
 
 Per-pipeline state lives on the pipeline object (``pipe._fastgen``), never in module globals, so two
 patched pipelines in one process do not interfere, and every call starts clean.
@@ -45,6 +48,12 @@ def add_hook(module: torch.nn.Module, hook, name: str) -> None:
     if name in registry.hooks:
         registry.remove_hook(name, recurse=False)
     registry.register_hook(hook, name)
+    counter = registry.hooks.get(_COUNTER_HOOK)
+    if counter is not None and name != _COUNTER_HOOK:
+        # keep fastgen's step counter outermost, so every other hook on this module already sees the
+        # current call's step index in its pre_forward
+        registry.remove_hook(_COUNTER_HOOK, recurse=False)
+        registry.register_hook(counter, _COUNTER_HOOK)
 
 
 def remove_hook(module: torch.nn.Module, name: str) -> None:

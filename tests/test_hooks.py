@@ -47,3 +47,29 @@ def test_remove_keeps_a_registry_someone_else_made():
     add_hook(m, _AddOne(), "plus")
     remove_hook(m, "plus")
     assert hasattr(m, "_diffusers_hook") and "forward" not in m.__dict__
+
+
+def test_step_counter_stays_outermost():
+    """A technique hook added on the denoiser after attach() already sees the current step index."""
+    import fastgen
+    from fastgen.hooks import attach, detach_if_empty
+    from fastgen.testing import default_call_kwargs, tiny_pipeline
+
+    pipe = tiny_pipeline("sd3")
+    st = attach(pipe)
+    seen = []
+
+    class Probe(_AddOne):
+        def post_forward(self, module, output):
+            return output
+
+        def pre_forward(self, module, *args, **kwargs):
+            seen.append(st.call.step_index)
+            return args, kwargs
+
+    add_hook(pipe.transformer, Probe(), "probe")
+    pipe(**default_call_kwargs(pipe, steps=3), height=32, width=32, output_type="np")
+    assert seen == [0, 1, 2]
+    remove_hook(pipe.transformer, "probe")
+    detach_if_empty(pipe)
+    assert fastgen.summary(pipe)["recipe"] == "baseline" and not hasattr(pipe.transformer, "_diffusers_hook")
