@@ -53,13 +53,13 @@ def accelerate(pipe, *configs_or_recipes: Any):
         if tech.name in names:
             raise RecipeError(f"technique {tech.name!r} was given twice in one accelerate() call")
         names.add(tech.name)
+        if tech.check is not None:  # first: its message can say what to use instead
+            tech.check(pipe, adapter, cfg)
         if tech.families is not None and adapter.family not in tech.families:
             raise UnsupportedPipelineError(
                 f"{tech.name} does not support {type(pipe).__name__} (family {adapter.family!r}); "
                 f"it supports: {', '.join(tech.families)}"
             )
-        if tech.check is not None:
-            tech.check(pipe, adapter, cfg)
         plan.append((tech, cfg))
     st = get_state(pipe)
     before = dict(st.applied) if st is not None else {}

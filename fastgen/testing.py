@@ -350,8 +350,11 @@ def default_call_kwargs(pipe, prompt: str = "a red circle left of a blue square"
     if isinstance(pipe, DiTPipeline):
         return {"class_labels": [0], "num_inference_steps": steps, "generator": gen}
     kw: dict[str, Any] = {"prompt": prompt, "num_inference_steps": steps, "generator": gen}
-    if "use_resolution_binning" in inspect.signature(type(pipe).__call__).parameters:
+    params = inspect.signature(type(pipe).__call__).parameters
+    if "use_resolution_binning" in params:
         kw["use_resolution_binning"] = False  # PixArt/Sana bins snap tiny sizes up to >= 256 px
+    if "clean_caption" in params:
+        kw["clean_caption"] = False  # needs bs4/ftfy; our prompts are clean
     if height is not None:
         kw["height"] = height
     if width is not None:

@@ -87,8 +87,11 @@ def call_kwargs(pipe, prompt: str, seed: int, s: BenchSettings) -> dict[str, Any
             kw["height"] = s.height
         if s.width is not None:
             kw["width"] = s.width
-        if "use_resolution_binning" in inspect.signature(type(pipe).__call__).parameters:
+        params = inspect.signature(type(pipe).__call__).parameters
+        if "use_resolution_binning" in params:
             kw["use_resolution_binning"] = False
+        if "clean_caption" in params:
+            kw["clean_caption"] = False
     if s.guidance_scale is not None:
         kw["guidance_scale"] = s.guidance_scale
     kw.update(s.extra_call_kwargs)
