@@ -37,8 +37,28 @@ _STATE_ATTR = "_fastgen"
 _COUNTER_HOOK = "fastgen_step_counter"
 
 
+def _splice_out(registry, name: str) -> None:
+    """Remove hook ``name`` from a diffusers ``HookRegistry`` without breaking the hooks above it.
+
+    diffusers' ``remove_hook`` of a hook that is not the outermost rewires the next hook's ``forward``
+    and so drops a ``new_forward`` hook sitting above it. Here the hooks above are taken off first
+    (each is outermost when removed) and registered again afterwards, in their order.
+    """
+    order = list(registry._hook_order)
+    above = [(n, registry.hooks[n]) for n in order[order.index(name) + 1:]]
+    for n, _ in reversed(above):
+        registry.remove_hook(n, recurse=False)
+    registry.remove_hook(name, recurse=False)
+    for n, hook in above:
+        registry.register_hook(hook, n)
+
+
 def add_hook(module: torch.nn.Module, hook, name: str) -> None:
-    """Register ``hook`` (a diffusers ``ModelHook``) on ``module`` under ``name`` (replacing one of that name)."""
+    """Register ``hook`` (a diffusers ``ModelHook``) on ``module`` under ``name`` (replacing one of that name).
+
+    fastgen's step counter, if present on ``module``, is kept outermost so that every other hook already
+    sees the current call's step index in its ``pre_forward``.
+    """
     from diffusers.hooks import HookRegistry
 
     created = getattr(module, "_diffusers_hook", None) is None
@@ -46,13 +66,11 @@ def add_hook(module: torch.nn.Module, hook, name: str) -> None:
     if created:
         module._fastgen_created_registry = True
     if name in registry.hooks:
-        registry.remove_hook(name, recurse=False)
+        _splice_out(registry, name)
     registry.register_hook(hook, name)
     counter = registry.hooks.get(_COUNTER_HOOK)
     if counter is not None and name != _COUNTER_HOOK:
-        # keep fastgen's step counter outermost, so every other hook on this module already sees the
-        # current call's step index in its pre_forward
-        registry.remove_hook(_COUNTER_HOOK, recurse=False)
+        _splice_out(registry, _COUNTER_HOOK)
         registry.register_hook(counter, _COUNTER_HOOK)
 
 
@@ -61,7 +79,8 @@ def remove_hook(module: torch.nn.Module, name: str) -> None:
     registry = getattr(module, "_diffusers_hook", None)
     if registry is None:
         return
-    registry.remove_hook(name, recurse=False)
+    if name in registry.hooks:
+        _splice_out(registry, name)
     if not registry.hooks:
         fwd = module.__dict__.get("forward")
         if getattr(fwd, "__func__", None) is type(module).forward:

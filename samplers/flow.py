@@ -76,7 +76,7 @@ class FlowPseudoCorrectorScheduler(_FlowBase):
 class FlowLPLScheduler(_FlowBase):
     """Flow Euler with a Linear Proportional Leap to the end once the velocity field has settled.
 
-    Args (besides FlowMatchEuler's):
+    Leap rule (``configure_lpl(min_fraction, patience, tol)``):
         lpl_min_fraction: never leap before this fraction of the steps has run (default 0.5; the reference
             uses step >= 14 of 30). Lower = faster, riskier. Range 0.3-0.8.
         lpl_patience: leap after this many consecutive steps whose velocity cosine similarity does not
@@ -87,14 +87,22 @@ class FlowLPLScheduler(_FlowBase):
     sample unchanged.
     """
 
-    def __init__(self, *args, lpl_min_fraction: float = 0.5, lpl_patience: int = 3, lpl_tol: float = 1e-3, **kwargs):
-        super().__init__(*args, **kwargs)
-        if not 0.0 <= lpl_min_fraction <= 1.0:
-            raise ValueError(f"lpl_min_fraction must be in [0, 1], got {lpl_min_fraction}")
-        if lpl_patience < 1:
-            raise ValueError(f"lpl_patience must be >= 1, got {lpl_patience}")
-        self.lpl_min_fraction, self.lpl_patience, self.lpl_tol = lpl_min_fraction, lpl_patience, lpl_tol
-        self._reset()
+    # LPL settings are plain attributes (not scheduler config), so from_config() keeps FlowMatchEuler's
+    # own config (shift, dynamic shifting) intact; set them with configure_lpl().
+    lpl_min_fraction: float = 0.5
+    lpl_patience: int = 3
+    lpl_tol: float = 1e-3
+    leaped: bool = False
+    leap_step: int | None = None
+
+    def configure_lpl(self, min_fraction: float = 0.5, patience: int = 3, tol: float = 1e-3) -> "FlowLPLScheduler":
+        """Set the leap rule (see the class docstring); returns self."""
+        if not 0.0 <= min_fraction <= 1.0:
+            raise ValueError(f"lpl_min_fraction must be in [0, 1], got {min_fraction}")
+        if patience < 1:
+            raise ValueError(f"lpl_patience must be >= 1, got {patience}")
+        self.lpl_min_fraction, self.lpl_patience, self.lpl_tol = min_fraction, patience, tol
+        return self
 
     def _reset(self) -> None:
         self.leaped = False

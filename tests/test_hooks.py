@@ -73,3 +73,26 @@ def test_step_counter_stays_outermost():
     remove_hook(pipe.transformer, "probe")
     detach_if_empty(pipe)
     assert fastgen.summary(pipe)["recipe"] == "baseline" and not hasattr(pipe.transformer, "_diffusers_hook")
+
+
+class _Replace(_AddOne):
+    """A new_forward hook (diffusers drops these when a hook below them is removed naively)."""
+
+    def new_forward(self, module, *args, **kwargs):
+        return self.fn_ref.original_forward(*args, **kwargs) * 10
+
+    def post_forward(self, module, output):
+        return output
+
+
+def test_removing_a_lower_hook_keeps_new_forward_hooks_above():
+    m = torch.nn.Linear(3, 3)
+    x = torch.randn(2, 3)
+    ref = m(x)
+    add_hook(m, _AddOne(), "plus")
+    add_hook(m, _Replace(), "times")
+    assert torch.allclose(m(x), (ref + 1) * 10)
+    remove_hook(m, "plus")
+    assert torch.allclose(m(x), ref * 10)
+    remove_hook(m, "times")
+    assert torch.equal(m(x), ref) and not hasattr(m, "_diffusers_hook")

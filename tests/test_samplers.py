@@ -42,7 +42,7 @@ def test_pseudo_corrector_beats_euler_at_equal_calls(steps):
 def test_lpl_leaps_on_a_straight_path_and_lands_on_the_data():
     z = torch.randn(2, 64, generator=torch.Generator().manual_seed(1))
     v_const = torch.full_like(z, 0.7)  # a perfectly straight path: x_sigma = x1 + (sigma - 1) v
-    sched = FlowLPLScheduler(shift=1.0, lpl_min_fraction=0.3, lpl_patience=2)
+    sched = FlowLPLScheduler(shift=1.0).configure_lpl(min_fraction=0.3, patience=2)
     sched.set_timesteps(20)
     x = z.clone()
     for t in sched.timesteps:
@@ -52,15 +52,15 @@ def test_lpl_leaps_on_a_straight_path_and_lands_on_the_data():
     sched.set_timesteps(20)  # state is per call
     assert not sched.leaped and sched.leap_step is None
     with pytest.raises(ValueError, match="lpl_patience"):
-        FlowLPLScheduler(lpl_patience=0)
+        FlowLPLScheduler().configure_lpl(patience=0)
 
 
 def test_lpl_without_a_leap_is_plain_euler_and_a_leap_returns_the_x0_prediction():
     z = torch.randn(2, 64, generator=torch.Generator().manual_seed(2))
     euler, _ = _integrate(FlowMatchEulerDiscreteScheduler(shift=1.0), 12, z)
-    never, _ = _integrate(FlowLPLScheduler(shift=1.0, lpl_min_fraction=1.0), 12, z)
+    never, _ = _integrate(FlowLPLScheduler(shift=1.0).configure_lpl(min_fraction=1.0), 12, z)
     torch.testing.assert_close(never, euler)
-    sched = FlowLPLScheduler(shift=1.0, lpl_min_fraction=0.0, lpl_patience=1, lpl_tol=1.0)
+    sched = FlowLPLScheduler(shift=1.0).configure_lpl(min_fraction=0.0, patience=1, tol=1.0)
     leapt, _ = _integrate(sched, 12, z)
     # the first comparison (step 1) always counts as an improvement, so with patience 1 the leap comes at
     # step 2: x0 = x_2 - sigma_2 v(x_2, sigma_2), the flow's denoised estimate at that point
@@ -75,8 +75,8 @@ def test_lpl_without_a_leap_is_plain_euler_and_a_leap_returns_the_x0_prediction(
 def test_lpl_skips_real_denoiser_calls_and_reports_it():
     pipe = tiny_pipeline("sd3")
     fastgen.accelerate(pipe, "sampler:lpl@12")
-    pipe.scheduler.lpl_min_fraction, pipe.scheduler.lpl_tol = 0.25, 1.0  # force a leap on random weights
-    pipe.scheduler.lpl_patience = 1
+    pipe.scheduler.configure_lpl(min_fraction=0.25, patience=1, tol=1.0)  # force a leap on random weights
+    assert pipe.scheduler.config.shift == 3.0  # the model's own shift is kept
     calls = []
     handle = pipe.transformer.transformer_blocks[0].register_forward_hook(lambda *a: calls.append(1))
     out = pipe(**default_call_kwargs(pipe, steps=30), height=32, width=32, output_type="np").images
