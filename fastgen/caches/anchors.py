@@ -1,0 +1,395 @@
+"""Anchors for the step caches, as recipes, so ``fastgen bench`` runs them beside ours in the same process.
+
+* ``"diffusers-fbc:0.05"`` — diffusers' own ``FirstBlockCacheConfig`` (ParaAttention's First Block Cache);
+* ``"diffusers-taylorseer:5"`` — diffusers' ``TaylorSeerCacheConfig`` (cache interval 5, its defaults
+  otherwise: 3 warm-up steps, order 1, bfloat16 factors);
+* ``"anchor-deepcache:3"`` — the ``DeepCache`` package's ``DeepCacheSDHelper`` as published (extra
+  ``anchors``: ``pip install 'fastgen[anchors]'``).
+
+diffusers' cache hooks need a cache context (``model.cache_context(name)``) around every denoiser call,
+and only some pipelines set one (FLUX does; SD1.5/SDXL/SD3/PixArt/Sana/Lumina2 do not, so every forward
+would raise "No cache context is set"). These wrappers supply it: a hook on the denoiser sets a context
+per denoiser call within a step (so cond/uncond run as separate calls keep separate state) and the hook
+state is reset at the start of every pipeline call. Where an anchor cannot run, the recipe says so
+instead of crashing mid-call (e.g. FirstBlockCache on SD3: its last ``JointTransformerBlock`` returns
+``encoder_hidden_states=None`` and diffusers subtracts from it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import UnsupportedPipelineError, require_extra
+from ..hooks import add_hook, attach, detach_if_empty, get_state, remove_hook
+from ..registry import Technique, register_technique
+from ..utils.logging import get_logger
+from .deepcache import _HookBase, _StepTracker
+
+logger = get_logger(__name__)
+
+__all__ = ["DiffusersFBCConfig", "DiffusersTaylorSeerConfig", "AnchorDeepCacheConfig"]
+
+_CTX_HOOK = "fastgen_cache_context"
+# families whose pipelines already wrap the denoiser call in ``cache_context``
+_PIPELINE_SETS_CONTEXT = ("flux",)
+# TaylorSeer's default patterns (``^transformer_blocks.*attn`` ...) match no module of these families:
+# point it at their attention modules instead
+_TAYLORSEER_IDENTIFIERS = {
+    "pixart": [r"^transformer_blocks\.\d+\.attn[12]$"],
+    "dit": [r"^transformer_blocks\.\d+\.attn[12]$"],
+    "sana": [r"^transformer_blocks\.\d+\.attn[12]$"],
+    "lumina2": [r"^layers\.\d+\.attn$"],
+    "sd": [r"^(down_blocks|mid_block|up_blocks).*transformer_blocks\.\d+\.attn[12]$"],
+    "sdxl": [r"^(down_blocks|mid_block|up_blocks).*transformer_blocks\.\d+\.attn[12]$"],
+}
+
+
+@dataclass(frozen=True)
+class DiffusersFBCConfig:
+    """diffusers ``FirstBlockCacheConfig`` on the pipeline's transformer (PixArt, DiT, FLUX).
+
+    Attributes:
+        threshold: relative change of the first block's residual below which the other blocks are skipped
+            (diffusers' default 0.05; higher = faster, lower quality; 0.05-0.2).
+    """
+
+    threshold: float = 0.05
+
+    def __post_init__(self):
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not self.threshold >= 0:
+            raise ValueError(f"threshold must be a number >= 0, got {self.threshold!r}")
+
+
+@dataclass(frozen=True)
+class DiffusersTaylorSeerConfig:
+    """diffusers ``TaylorSeerCacheConfig`` on the denoiser's attention modules (all families).
+
+    Attributes:
+        cache_interval: a full computation every ``cache_interval`` steps, Taylor-predicted attention
+            outputs in between (diffusers' default 5; 2-6).
+        warmup_steps: ``disable_cache_before_step``: first steps always computed (default 3).
+        max_order: Taylor order (default 1; 1-2).
+    """
+
+    cache_interval: int = 5
+    warmup_steps: int = 3
+    max_order: int = 1
+
+    def __post_init__(self):
+        for name, lo in (("cache_interval", 1), ("warmup_steps", 0), ("max_order", 0)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+
+
+@dataclass(frozen=True)
+class AnchorDeepCacheConfig:
+    """The ``DeepCache`` package (``DeepCacheSDHelper``) on SD/SDXL pipelines, as published.
+
+    Attributes:
+        interval: ``cache_interval`` (default 3). branch: ``cache_branch_id`` (default 0).
+    Known limits of the package (kept as is): it finds the step with ``scheduler.timesteps.index(t)``, so
+    it fails when the timestep is passed as a keyword or is not in the schedule.
+    """
+
+    interval: int = 3
+    branch: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.interval, int) or self.interval < 1 or not isinstance(self.branch, int) or self.branch < 0:
+            raise ValueError(f"interval must be >= 1 and branch >= 0, got {self.interval!r}, {self.branch!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# diffusers cache hooks
+
+
+class _ContextHook(_HookBase):
+    """Sets diffusers' cache context around every denoiser forward (one name per call within a step)."""
+
+    def __init__(self, pipe_state):
+        super().__init__()
+        self.st = pipe_state
+        self.tracker = _StepTracker()
+
+    def pre_forward(self, module, *args, **kwargs):
+        from diffusers.hooks.hooks import CacheContext, _set_cache_context
+
+        step = max(self.st.call.step_index, 0)
+        sub = self.tracker.advance(step)
+        _set_cache_context(module, CacheContext(f"fastgen{sub}", step_index=step))
+        return args, kwargs
+
+    def post_forward(self, module, output):
+        from diffusers.hooks.hooks import _set_cache_context
+
+        _set_cache_context(module, None)
+        return output
+
+
+def _snapshot(model: torch.nn.Module) -> dict:
+    return {id(m): (hasattr(m, "_diffusers_hook"), "forward" in m.__dict__, "_cache_config" in m.__dict__)
+            for m in model.modules()}
+
+
+def _tidy(model: torch.nn.Module, before: dict) -> None:
+    """Drop what diffusers' enable/disable_cache left behind on modules that did not have it before."""
+    for m in model.modules():
+        had_reg, had_fwd, had_cfg = before.get(id(m), (False, False, False))
+        reg = getattr(m, "_diffusers_hook", None)
+        if reg is not None and not had_reg and not reg.hooks:
+            del m._diffusers_hook
+        fwd = m.__dict__.get("forward")
+        if fwd is not None and not had_fwd and getattr(fwd, "__func__", None) is type(m).forward:
+            del m.forward
+        if "_cache_config" in m.__dict__ and not had_cfg and m.__dict__["_cache_config"] is None:
+            del m._cache_config
+    reg = getattr(model, "_diffusers_hook", None)
+    if reg is not None:
+        reg.invalidate_child_registries_cache()
+
+
+def _install_diffusers_cache(pipe, name: str, config, diffusers_config, hook_names: tuple[str, ...], apply_fn):
+    st = attach(pipe)
+    if name in st.applied:
+        _remove_diffusers_cache(pipe, name)
+    model = st.adapter.denoiser(pipe)
+    before = _snapshot(model)
+    from diffusers.hooks import HookRegistry
+    from diffusers.models.cache_utils import CacheMixin
+
+    uses_mixin = isinstance(model, CacheMixin)
+    if uses_mixin:
+        model.enable_cache(diffusers_config)
+    else:
+        apply_fn(model, diffusers_config)
+        HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
+    own_context = st.adapter.family not in _PIPELINE_SETS_CONTEXT
+    ctx = _ContextHook(st)
+    if own_context:
+        add_hook(model, ctx, _CTX_HOOK)
+
+    def on_call(p, kw):
+        ctx.tracker = _StepTracker()
+        HookRegistry.check_if_exists_or_initialize(model).reset_stateful_hooks(recurse=True)
+        return kw
+
+    st.saved[name] = {"model": model, "before": before, "mixin": uses_mixin, "hooks": hook_names,
+                      "own_context": own_context}
+    st.applied[name] = config
+    st.call_hooks[name] = on_call
+    return pipe
+
+
+def _remove_diffusers_cache(pipe, name: str):
+    st = get_state(pipe)
+    if st is None or name not in st.applied:
+        return pipe
+    saved = st.saved.pop(name)
+    model = saved["model"]
+    if saved["own_context"]:
+        remove_hook(model, _CTX_HOOK)
+    if saved["mixin"]:
+        model.disable_cache()
+    else:
+        for m in model.modules():
+            reg = getattr(m, "_diffusers_hook", None)
+            if reg is not None:
+                for h in saved["hooks"]:
+                    reg.remove_hook(h, recurse=False)
+    _tidy(model, saved["before"])
+    st.applied.pop(name, None)
+    st.call_hooks.pop(name, None)
+    detach_if_empty(pipe)
+    return pipe
+
+
+def _fbc_check(pipe, adapter, config) -> None:
+    model = adapter.denoiser(pipe)
+    cls = type(model).__name__
+    if adapter.family == "sd3":
+        raise UnsupportedPipelineError(
+            f"diffusers-fbc: diffusers' FirstBlockCache crashes on {cls} (its last JointTransformerBlock has "
+            "context_pre_only=True and returns encoder_hidden_states=None, which first_block_cache.py subtracts "
+            "from: TypeError); use fastgen's 'blockcache:0.08' on SD3")
+    if adapter.is_unet:
+        raise UnsupportedPipelineError(
+            f"diffusers-fbc: diffusers' FirstBlockCache needs a transformer with block lists and {cls} is a UNet; "
+            "use 'deepcache:3' (or 'anchor-deepcache:3')")
+    from diffusers.hooks._common import _ALL_TRANSFORMER_BLOCK_IDENTIFIERS
+    from diffusers.hooks._helpers import TransformerBlockRegistry
+
+    blocks = [b for n, sub in model.named_children() if n in _ALL_TRANSFORMER_BLOCK_IDENTIFIERS
+              and isinstance(sub, torch.nn.ModuleList) for b in sub]
+    for b in blocks:
+        try:
+            TransformerBlockRegistry.get(type(b))
+        except ValueError:
+            raise UnsupportedPipelineError(
+                f"diffusers-fbc: diffusers' FirstBlockCache does not know {type(b).__name__} (the blocks of {cls}; "
+                "not in its TransformerBlockRegistry); use fastgen's 'blockcache:0.08'") from None
+    if len(blocks) < 2:
+        raise UnsupportedPipelineError(f"diffusers-fbc: {cls} has {len(blocks)} cacheable blocks; FirstBlockCache needs >= 2")
+
+
+def apply_diffusers_fbc(pipe, config: DiffusersFBCConfig | None = None):
+    """diffusers' ``FirstBlockCacheConfig(threshold)`` with the cache context supplied. Returns ``pipe``."""
+    from diffusers import FirstBlockCacheConfig, apply_first_block_cache
+    from diffusers.hooks.first_block_cache import _FBC_BLOCK_HOOK, _FBC_LEADER_BLOCK_HOOK
+
+    from ..adapters import get_adapter
+
+    config = config or DiffusersFBCConfig()
+    _fbc_check(pipe, get_adapter(pipe), config)
+    return _install_diffusers_cache(pipe, "diffusers-fbc", config, FirstBlockCacheConfig(threshold=float(config.threshold)),
+                                    (_FBC_LEADER_BLOCK_HOOK, _FBC_BLOCK_HOOK), apply_first_block_cache)
+
+
+def remove_diffusers_fbc(pipe):
+    """Remove :func:`apply_diffusers_fbc`. Returns ``pipe``."""
+    return _remove_diffusers_cache(pipe, "diffusers-fbc")
+
+
+def _taylorseer_diffusers_config(adapter, config: DiffusersTaylorSeerConfig):
+    from diffusers import TaylorSeerCacheConfig
+
+    return TaylorSeerCacheConfig(cache_interval=config.cache_interval, disable_cache_before_step=config.warmup_steps,
+                                 max_order=config.max_order, cache_identifiers=_TAYLORSEER_IDENTIFIERS.get(adapter.family))
+
+
+def _taylorseer_check(pipe, adapter, config) -> None:
+    import re
+
+    from diffusers.hooks.taylorseer_cache import _TRANSFORMER_BLOCK_IDENTIFIERS
+
+    pats = _TAYLORSEER_IDENTIFIERS.get(adapter.family) or list(_TRANSFORMER_BLOCK_IDENTIFIERS)
+    model = adapter.denoiser(pipe)
+    if not any(any(re.fullmatch(p, n) for p in pats) for n, _ in model.named_modules()):
+        raise UnsupportedPipelineError(
+            f"diffusers-taylorseer: no attention module of {type(model).__name__} matches {pats}; it would do nothing")
+
+
+def apply_diffusers_taylorseer(pipe, config: DiffusersTaylorSeerConfig | None = None):
+    """diffusers' ``TaylorSeerCacheConfig`` with the cache context supplied. Returns ``pipe``."""
+    from diffusers import apply_taylorseer_cache
+    from diffusers.hooks.taylorseer_cache import _TAYLORSEER_CACHE_HOOK
+
+    from ..adapters import get_adapter
+
+    config = config or DiffusersTaylorSeerConfig()
+    adapter = get_adapter(pipe)
+    _taylorseer_check(pipe, adapter, config)
+    return _install_diffusers_cache(pipe, "diffusers-taylorseer", config, _taylorseer_diffusers_config(adapter, config),
+                                    (_TAYLORSEER_CACHE_HOOK,), apply_taylorseer_cache)
+
+
+def remove_diffusers_taylorseer(pipe):
+    """Remove :func:`apply_diffusers_taylorseer`. Returns ``pipe``."""
+    return _remove_diffusers_cache(pipe, "diffusers-taylorseer")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the DeepCache package
+
+
+def apply_anchor_deepcache(pipe, config: AnchorDeepCacheConfig | None = None):
+    """``DeepCache.DeepCacheSDHelper`` with ``cache_interval``/``cache_branch_id``. Returns ``pipe``."""
+    config = config or AnchorDeepCacheConfig()
+    deepcache = require_extra("DeepCache", "anchors", "the anchor-deepcache recipe")
+    st = attach(pipe)
+    if "anchor-deepcache" in st.applied:
+        remove_anchor_deepcache(pipe)
+        st = attach(pipe)
+    if not st.adapter.is_unet:
+        detach_if_empty(pipe)
+        raise UnsupportedPipelineError(f"anchor-deepcache: DeepCache is UNet-only; {type(pipe).__name__} has a transformer")
+    unet = st.adapter.denoiser(pipe)
+    before = {id(m): "forward" in m.__dict__ for m in unet.modules()}
+    helper = deepcache.DeepCacheSDHelper(pipe=pipe)
+    helper.set_params(cache_interval=config.interval, cache_branch_id=config.branch)
+    helper.enable()
+    st.saved["anchor-deepcache"] = {"helper": helper, "before": before}
+    st.applied["anchor-deepcache"] = config
+    return pipe
+
+
+def remove_anchor_deepcache(pipe):
+    """Disable the DeepCache helper and drop the ``forward`` attributes it leaves on the modules."""
+    st = get_state(pipe)
+    if st is None or "anchor-deepcache" not in st.applied:
+        return pipe
+    saved = st.saved.pop("anchor-deepcache")
+    saved["helper"].disable()
+    for m in st.adapter.denoiser(pipe).modules():
+        fwd = m.__dict__.get("forward")
+        if fwd is not None and not saved["before"].get(id(m), False) and getattr(fwd, "__func__", None) is type(m).forward:
+            del m.forward
+    del st.applied["anchor-deepcache"]
+    detach_if_empty(pipe)
+    return pipe
+
+
+# ---------------------------------------------------------------------------------------------------------
+# recipes
+
+
+def _float_arg(args, default):
+    return default if not args else float(args)
+
+
+def _parse_taylorseer(args: str | None) -> DiffusersTaylorSeerConfig:
+    if not args:
+        return DiffusersTaylorSeerConfig()
+    parts = [p.strip().lower() for p in args.split(",") if p.strip()]
+    kw = {"cache_interval": int(parts[0])}
+    for p in parts[1:]:
+        if p[:1] == "w" and p[1:].isdigit():
+            kw["warmup_steps"] = int(p[1:])
+        elif p[:1] == "o" and p[1:].isdigit():
+            kw["max_order"] = int(p[1:])
+        else:
+            raise ValueError(f"unknown option {p!r}; options: W<n> (warm-up steps), O<n> (Taylor order)")
+    return DiffusersTaylorSeerConfig(**kw)
+
+
+def _ts_string(c: DiffusersTaylorSeerConfig) -> str:
+    s = f"diffusers-taylorseer:{c.cache_interval}"
+    if c.warmup_steps != 3:
+        s += f",W{c.warmup_steps}"
+    if c.max_order != 1:
+        s += f",O{c.max_order}"
+    return s
+
+
+def _parse_deepcache(args: str | None) -> AnchorDeepCacheConfig:
+    if not args:
+        return AnchorDeepCacheConfig()
+    head, _, b = args.partition(",")
+    b = b.strip().lower()
+    if b and not (b[:1] == "b" and b[1:].isdigit()):
+        raise ValueError(f"anchor-deepcache takes the interval and optionally bB (branch), got {args!r}")
+    return AnchorDeepCacheConfig(int(head), int(b[1:]) if b else 0)
+
+
+register_technique(Technique(
+    name="diffusers-fbc", config_cls=DiffusersFBCConfig, parse=lambda a: DiffusersFBCConfig(_float_arg(a, 0.05)),
+    apply=apply_diffusers_fbc, remove=remove_diffusers_fbc, to_string=lambda c: f"diffusers-fbc:{c.threshold:g}",
+    check=_fbc_check, families=("pixart", "dit", "flux"),  # the check says why not on the others
+    help="anchor: diffusers' FirstBlockCacheConfig (cache context supplied; not on SD3, Sana, Lumina2, UNets)",
+    example="diffusers-fbc:0.05",
+))
+register_technique(Technique(
+    name="diffusers-taylorseer", config_cls=DiffusersTaylorSeerConfig, parse=_parse_taylorseer,
+    apply=apply_diffusers_taylorseer, remove=remove_diffusers_taylorseer, to_string=_ts_string, check=_taylorseer_check,
+    help="anchor: diffusers' TaylorSeerCacheConfig on the attention modules (cache context supplied)",
+    example="diffusers-taylorseer:5",
+))
+register_technique(Technique(
+    name="anchor-deepcache", config_cls=AnchorDeepCacheConfig, parse=_parse_deepcache, apply=apply_anchor_deepcache,
+    remove=remove_anchor_deepcache,
+    to_string=lambda c: f"anchor-deepcache:{c.interval}" + (f",b{c.branch}" if c.branch else ""),
+    families=("sd", "sdxl"), help="anchor: the DeepCache package's DeepCacheSDHelper as published (extra 'anchors')",
+    example="anchor-deepcache:3",
+))
