@@ -1,5 +1,229 @@
 """Embedded default models of fastgen and the procedural worlds they are trained and scored on.
 
 ``fastgen.zoo.shapes`` is a procedural text-to-image world (coloured shapes, counts, relations) and
-``fastgen.zoo.evaluate`` its exact, rule-based evaluator.
+``fastgen.zoo.evaluate`` its exact, rule-based evaluator. The trained pipelines ship as standard diffusers
+folders under ``fastgen/zoo/weights/<name>/`` and load with :func:`load_default`; ``fastgen.zoo.train``
+is the recipe that reproduces them (``python -m fastgen.zoo.train <name> --out DIR``).
+
+>>> import fastgen.zoo as zoo
+>>> zoo.list()
+['shapes-mmdit', 'shapes-unet']
+>>> pipe = zoo.load_default("shapes-mmdit")                       # doctest: +SKIP
+>>> image = pipe("a red circle left of a blue square", **zoo.call_kwargs("shapes-mmdit")).images[0]  # doctest: +SKIP
 """
+
+from __future__ import annotations
+
+import builtins
+import importlib
+import json
+from pathlib import Path
+from typing import Any
+
+from fastgen.errors import FastgenError
+
+__all__ = [
+    "MODELS", "DEFAULTS", "WEIGHTS_DIR", "list", "load_default", "load_pipeline", "check_weights", "call_kwargs",
+    "weights_path", "WeightsNotFoundError", "WeightsError",
+]
+
+#: The zoo's model names.
+MODELS: tuple[str, ...] = ("shapes-mmdit", "shapes-unet")
+
+#: Default sampling settings per model: what the reported scores use (``call_kwargs`` turns them into
+#: pipeline keyword arguments; ``sampler`` names the scheduler shipped in the folder).
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "shapes-mmdit": {"num_inference_steps": 28, "guidance_scale": 5.0, "sampler": "flow-euler (shift 1.0)",
+                     "height": 32, "width": 32},
+    "shapes-unet": {"num_inference_steps": 50, "guidance_scale": 5.0, "sampler": "ddim", "height": 32, "width": 32},
+}
+
+#: Where the shipped weights live (one diffusers folder per model).
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+
+class WeightsNotFoundError(FastgenError, FileNotFoundError):
+    """A zoo model's weights are not there (not trained/shipped yet, or the folder is incomplete)."""
+
+
+class WeightsError(FastgenError, ValueError):
+    """A weight file does not match its model config (missing tensor, wrong shape, unreadable file)."""
+
+
+def list() -> builtins.list[str]:  # noqa: A001 - the public name is zoo.list()
+    """The names of the zoo's models (``load_default`` accepts each)."""
+    return builtins.list(MODELS)
+
+
+def _check_name(name: str) -> str:
+    if name not in MODELS:
+        raise ValueError(f"unknown zoo model {name!r}; choose one of {', '.join(MODELS)}")
+    return name
+
+
+def weights_path(name: str) -> Path:
+    """The folder the shipped weights of ``name`` live in (it may not exist yet)."""
+    return WEIGHTS_DIR / _check_name(name)
+
+
+def call_kwargs(name: str) -> dict[str, Any]:
+    """Pipeline keyword arguments for ``name``'s default call (steps, guidance, height, width)."""
+    d = DEFAULTS[_check_name(name)]
+    return {k: d[k] for k in ("num_inference_steps", "guidance_scale", "height", "width")}
+
+
+# --------------------------------------------------------------------------------------------------
+# Checking a folder against its configs before diffusers' loader sees it
+# --------------------------------------------------------------------------------------------------
+
+_WEIGHT_NAMES = {"diffusers": "diffusion_pytorch_model", "transformers": "model"}
+
+
+def _tensor_files(folder: Path, library: str) -> dict[str, Path]:
+    """tensor name -> the safetensors file holding it (single file or sharded with an index)."""
+    stem = _WEIGHT_NAMES[library]
+    single, index = folder / f"{stem}.safetensors", folder / f"{stem}.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as e:
+            raise WeightsError(f"{index}: unreadable shard index ({e})") from e
+        return {k: folder / v for k, v in weight_map.items()}
+    if single.exists():
+        return {k: single for k in _safetensors_shapes(single)}
+    others = sorted(p.name for p in folder.glob("*") if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+    hint = f" (found {others}; fastgen loads safetensors only)" if others else ""
+    raise WeightsNotFoundError(f"weight file {single} is missing{hint}")
+
+
+def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    from safetensors import safe_open
+
+    if not path.exists():
+        raise WeightsNotFoundError(f"weight file {path} is missing")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
+        raise WeightsError(f"weight file {path} is not a readable safetensors file: {e}") from e
+
+
+def _expected_shapes(library: str, cls: type, folder: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, set]]:
+    """Shapes of every tensor the model built from ``folder``'s config expects (built with empty weights),
+    and for each tied parameter the set of its names (a file needs only one of them)."""
+    from accelerate import init_empty_weights
+
+    try:
+        with init_empty_weights(include_buffers=False):
+            if library == "diffusers":
+                model = cls.from_config(cls.load_config(folder))
+            else:
+                model = cls(cls.config_class.from_pretrained(folder))
+    except Exception as e:
+        raise WeightsError(f"{folder}: cannot build {cls.__name__} from its config ({e})") from e
+    groups: dict[int, set] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), set()).add(n)
+    tied = {n: g for g in groups.values() if len(g) > 1 for n in g}
+    declared = getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None)
+    if isinstance(declared, dict):  # transformers >= 5: {tied name: source name}
+        for a, b in declared.items():
+            group = tied.get(a, {a}) | tied.get(b, {b})
+            for n in group:
+                tied[n] = group
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}, tied
+
+
+def check_weights(path: str | Path) -> None:
+    """Check that every model folder of a pipeline has its safetensors weights, every tensor its config
+    expects, with the expected shape.
+
+    Raises:
+        WeightsNotFoundError: ``model_index.json`` or a weight file is missing (the message names it).
+        WeightsError: a tensor is missing or mis-shaped, or a file is unreadable (the message names the
+            file and the tensor, with both shapes).
+    """
+    import torch
+
+    path = Path(path)
+    index = path / "model_index.json"
+    if not index.exists():
+        raise WeightsNotFoundError(f"{index} is missing: {path} is not a diffusers pipeline folder")
+    try:
+        spec = json.loads(index.read_text())
+    except ValueError as e:
+        raise WeightsError(f"{index} is not valid JSON: {e}") from e
+    for comp, val in spec.items():
+        if comp.startswith("_") or not isinstance(val, (builtins.list, tuple)) or len(val) != 2 or val[0] is None:
+            continue
+        library, cls_name = val
+        if library not in _WEIGHT_NAMES:
+            continue
+        cls = getattr(importlib.import_module(library), cls_name, None)
+        if cls is None or not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+            continue  # schedulers, tokenizers, processors
+        folder = path / comp
+        if not (folder / "config.json").exists():
+            raise WeightsNotFoundError(f"{folder / 'config.json'} is missing (component {comp!r}, {cls_name})")
+        files = _tensor_files(folder, library)
+        expected, tied = _expected_shapes(library, cls, folder)
+        shapes: dict[str, tuple[int, ...]] = {}
+        for f in sorted(set(files.values())):
+            shapes.update(_safetensors_shapes(f))
+        for name, want in expected.items():
+            if name not in shapes and any(alias in shapes for alias in tied.get(name, ())):
+                continue  # a tied weight stored under another of its names
+            if name not in files or name not in shapes:
+                where = files.get(name, next(iter(files.values()), folder))
+                raise WeightsError(f"weight file {where}: tensor {name!r} (shape {builtins.list(want)}) is missing "
+                                   f"({comp} is a {cls_name})")
+            if shapes[name] != want:
+                raise WeightsError(f"weight file {files[name]}: tensor {name!r} has shape {builtins.list(shapes[name])}, "
+                                   f"but the config of {comp} ({cls_name}) expects {builtins.list(want)}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+
+
+def load_pipeline(path: str | Path, device: Any = None, dtype: Any = None):
+    """Check (:func:`check_weights`) and load a diffusers pipeline folder offline.
+
+    Args:
+        path: the folder (``model_index.json`` at its root).
+        device: where to put it (default CPU).
+        dtype: torch dtype of the weights (default float32, whatever the stored dtype).
+    """
+    import torch
+    from diffusers import DiffusionPipeline
+
+    check_weights(path)
+    pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, torch_dtype=dtype or torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    if device is not None:
+        pipe.to(device)
+    return pipe
+
+
+def load_default(name: str = "shapes-mmdit", device: Any = None, dtype: Any = None):
+    """Load a trained default pipeline shipped in ``fastgen/zoo/weights/<name>/``.
+
+    Args:
+        name: one of :func:`list` (``"shapes-mmdit"``: StableDiffusion3Pipeline; ``"shapes-unet"``:
+            StableDiffusionPipeline). Their default call settings are in :data:`DEFAULTS`.
+        device: where to put the pipeline (default CPU).
+        dtype: torch dtype (default float32).
+
+    Raises:
+        WeightsNotFoundError: the weights are not there (the message says how to train them).
+        WeightsError: a weight file is damaged or does not match its config (names file and tensor).
+    """
+    folder = weights_path(name)
+    if not (folder / "model_index.json").exists():
+        raise WeightsNotFoundError(
+            f"the weights of zoo model {name!r} are not installed ({folder} has no model_index.json). "
+            f"Train them with `python -m fastgen.zoo.train {name} --out runs/{name}` (1–3 h on a CPU), then "
+            f"`python -m fastgen.zoo.train {name} --out runs/{name} --export {folder}`."
+        )
+    return load_pipeline(folder, device=device, dtype=dtype)

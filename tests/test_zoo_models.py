@@ -1,0 +1,238 @@
+"""The zoo's training recipe (fastgen.zoo.train) and loading API (fastgen.zoo), on tiny models.
+
+Everything here runs in seconds; the real training runs are `@pytest.mark.slow`.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import fastgen.zoo as zoo
+from fastgen.zoo import shapes
+from fastgen.zoo import train as T
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The cores are shared with a training run: more threads than free cores slow these tiny models down."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+TINY = {
+    "shapes-mmdit": dict(hidden=32, layers=1, heads=2, text_hidden=16, text_layers=1),
+    "shapes-unet": dict(blocks=(32, 32), heads=2, text_hidden=16, text_layers=1),
+}
+
+
+def _cfg(model: str, **kw) -> T.TrainConfig:
+    return T.TrainConfig(model=model, batch=4, warmup=2, arch=TINY[model], **kw)
+
+
+def test_list_and_defaults():
+    assert zoo.list() == ["shapes-mmdit", "shapes-unet"]
+    assert set(zoo.DEFAULTS) == set(zoo.list())
+    assert zoo.DEFAULTS["shapes-mmdit"]["num_inference_steps"] == 28
+    assert zoo.DEFAULTS["shapes-unet"]["num_inference_steps"] == 50
+    assert set(zoo.call_kwargs("shapes-mmdit")) == {"num_inference_steps", "guidance_scale", "height", "width"}
+    with pytest.raises(ValueError, match="unknown zoo model"):
+        zoo.load_default("nope")
+
+
+def test_identity_vae_is_exact():
+    vae = T.identity_vae()
+    imgs, _ = shapes.sample(8, 12345)
+    x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    mean, std = T.pixel_stats()
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.mode()
+        y = vae.decode(z).sample
+    want = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    assert (z - want).abs().max() < 2e-3
+    assert (y - x).abs().max() < 2e-3  # < 0.3 grey levels
+
+
+def test_collapsed_zero_tokens_equal_default_call():
+    pipe = T.build_pipeline("shapes-mmdit", TINY["shapes-mmdit"])
+    with torch.no_grad():  # leave adaLN-zero so that the transformer is not trivially the identity
+        for p in pipe.transformer.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+    kw = dict(num_inference_steps=2, guidance_scale=3.0, height=32, width=32, output_type="np")
+    prompts = ["a red circle", "two blue squares"]
+    with torch.no_grad():
+        a = pipe(prompts, generator=torch.Generator().manual_seed(0), **kw).images
+        T._use_collapsed_zeros(pipe.transformer, True, m=2)
+        b = pipe(prompts, generator=torch.Generator().manual_seed(0), max_sequence_length=2, **kw).images
+        T._use_collapsed_zeros(pipe.transformer, False)
+        pe, ne, pp, npp = pipe.encode_prompt(prompts, prompts, None, do_classifier_free_guidance=True,
+                                             max_sequence_length=2)
+        e, p = T.encode_sd3(pipe, prompts, zero_tokens=2)
+        e0, p0 = T.encode_sd3(pipe, ["", ""], zero_tokens=2)
+    assert a.std() > 0.01
+    assert np.abs(a - b).max() < 1e-4
+    for x, y in ((pe, e), (pp, p), (ne, e0), (npp, p0)):
+        assert torch.equal(x, y)
+
+
+def test_sd_encoding_matches_pipeline():
+    pipe = T.build_pipeline("shapes-unet", TINY["shapes-unet"])
+    with torch.no_grad():
+        pe, ne = pipe.encode_prompt(["a red circle"], "cpu", 1, True, None)
+        assert torch.equal(pe, T.encode_sd(pipe, ["a red circle"]))
+        assert torch.equal(ne, T.encode_sd(pipe, [""]))
+
+
+@pytest.mark.parametrize("model", ["shapes-mmdit", "shapes-unet"])
+def test_train_checkpoint_resume_is_exact(model, tmp_path):
+    cfg = _cfg(model)
+    a = T.Trainer(cfg, tmp_path / "a")
+    losses_a = [a.train_step() for _ in range(3)]
+    assert all(np.isfinite(losses_a))
+
+    b = T.Trainer(cfg, tmp_path / "b")
+    losses_b = [b.train_step() for _ in range(2)]
+    ckpt = b.save_checkpoint()
+    assert ckpt.exists() and not ckpt.with_name("checkpoint.pt.tmp").exists()
+    c = T.Trainer(cfg, tmp_path / "b")
+    assert c.resume() and c.step == 2
+    losses_b.append(c.train_step())
+
+    assert losses_b == losses_a
+    for x, y in zip(a.modules.state_dict().values(), c.modules.state_dict().values()):
+        assert torch.equal(x, y)
+    for x, y in zip(a.ema.state_dict().values(), c.ema.state_dict().values()):
+        assert torch.equal(x, y)
+    # different settings refuse to resume
+    d = T.Trainer(_cfg(model, lr=3e-4), tmp_path / "b")
+    with pytest.raises(ValueError, match="lr"):
+        d.resume()
+
+
+@pytest.mark.parametrize("model", ["shapes-mmdit", "shapes-unet"])
+def test_save_and_reload(model, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    tr = T.Trainer(_cfg(model), tmp_path / "run")
+    tr.train_step()
+    row = tr.evaluate_and_save(n=0)
+    folder = tmp_path / "run" / "pipeline"
+    assert row["step"] == 1 and (folder / "model_index.json").exists()
+    assert not list(folder.rglob("*.bin"))
+    assert json.loads((folder / "fastgen_zoo.json").read_text())["model"] == model
+    zoo.check_weights(folder)
+    loaded = DiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    assert type(loaded).__name__ == ("StableDiffusion3Pipeline" if model == "shapes-mmdit" else "StableDiffusionPipeline")
+    mine = tr.ema_pipeline()
+    kw = dict(num_inference_steps=2, guidance_scale=2.0, height=32, width=32, output_type="np")
+    with torch.no_grad():
+        x = mine("a red circle", generator=torch.Generator().manual_seed(0), **kw).images
+        y = loaded("a red circle", generator=torch.Generator().manual_seed(0), **kw).images
+    assert np.abs(x - y).max() < 1e-5
+
+    # the export loads with a plain from_pretrained; a float16 export loads as float32 through the checked loader
+    out = T.export_pipeline(folder, tmp_path / "shipped")
+    plain = DiffusionPipeline.from_pretrained(out, local_files_only=True)
+    out16 = T.export_pipeline(folder, tmp_path / "shipped16", half=True)
+    p16 = zoo.load_pipeline(out16)
+    assert p16.vae.dtype == torch.float32 and p16.text_encoder.dtype == torch.float32
+    with torch.no_grad():
+        w = plain("a red circle", generator=torch.Generator().manual_seed(0), **kw).images
+        z = p16("a red circle", generator=torch.Generator().manual_seed(0), **kw).images
+    assert np.abs(x - w).max() < 1e-5
+    assert np.abs(x - z).max() < 0.05
+
+
+def test_evaluate_pipeline_runs():
+    pipe = T.build_pipeline("shapes-mmdit", TINY["shapes-mmdit"])
+    res = T.evaluate_pipeline(pipe, "shapes-mmdit", n=3, steps=2, batch=2)
+    assert 0.0 <= res["overall"] <= 1.0 and res["n"] == 3 and res["steps"] == 2
+
+
+def test_cli_trains_and_saves(tmp_path):
+    out = tmp_path / "cli"
+    args = ["shapes-mmdit", "--out", str(out), "--steps", "2", "--batch", "2", "--eval-prompts", "0",
+            "--arch", "hidden=32", "layers=1", "heads=2", "text_hidden=16", "text_layers=1"]
+    assert T.main(args) == 0
+    assert (out / "checkpoint.pt").exists() and (out / "pipeline" / "model_index.json").exists()
+    with pytest.raises(SystemExit, match="--resume"):
+        T.main(args)
+    assert T.main(args[:4] + ["3"] + args[5:] + ["--resume"]) == 0
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 3
+
+
+@pytest.fixture(scope="module")
+def saved_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("zoo") / "pipe"
+    T.save_pipeline(T.build_pipeline("shapes-mmdit", TINY["shapes-mmdit"]), folder)
+    return folder
+
+
+def test_missing_weight_file_is_named(saved_folder, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(saved_folder, bad)
+    (bad / "transformer" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(zoo.WeightsNotFoundError, match=r"transformer[/\\]diffusion_pytorch_model\.safetensors"):
+        zoo.load_pipeline(bad)
+
+
+def test_misshaped_and_missing_tensor_are_named(saved_folder, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(saved_folder, bad)
+    f = bad / "text_encoder_2" / "model.safetensors"
+    sd = load_file(f)
+    key = "text_model.embeddings.token_embedding.weight"
+    sd[key] = sd[key][:-3].clone()
+    save_file(sd, f, metadata={"format": "pt"})
+    with pytest.raises(zoo.WeightsError) as e:
+        zoo.load_pipeline(bad)
+    msg = str(e.value)
+    assert "text_encoder_2" in msg and "model.safetensors" in msg and key in msg and "expects" in msg
+
+    del sd[key]
+    save_file(sd, f, metadata={"format": "pt"})
+    with pytest.raises(zoo.WeightsError, match=f"{key}.*missing"):
+        zoo.load_pipeline(bad)
+
+    f.write_bytes(b"not a safetensors file")
+    with pytest.raises(zoo.WeightsError, match="not a readable safetensors"):
+        zoo.load_pipeline(bad)
+
+
+def test_load_default_without_weights_says_how_to_train(monkeypatch, tmp_path):
+    monkeypatch.setattr(zoo, "WEIGHTS_DIR", tmp_path)
+    with pytest.raises(zoo.WeightsNotFoundError, match=r"python -m fastgen\.zoo\.train shapes-unet --out"):
+        zoo.load_default("shapes-unet")
+    with pytest.raises(FileNotFoundError):
+        zoo.load_default("shapes-mmdit")
+
+
+@pytest.mark.parametrize("name", ["shapes-mmdit", "shapes-unet"])
+def test_shipped_weights_load(name):
+    if not (zoo.weights_path(name) / "model_index.json").exists():
+        pytest.skip(f"{name} weights are not shipped yet")
+    pipe = zoo.load_default(name)
+    kw = {**zoo.call_kwargs(name), "num_inference_steps": 2}
+    img = pipe("a red circle", generator=torch.Generator().manual_seed(0), **kw).images[0]
+    assert img.size == (32, 32)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["shapes-mmdit", "shapes-unet"])
+def test_shipped_weights_score(name):
+    """The acceptance number: 200 held-out prompts at the default steps and guidance."""
+    if not (zoo.weights_path(name) / "model_index.json").exists():
+        pytest.skip(f"{name} weights are not shipped yet")
+    torch.set_num_threads(1)
+    res = T.evaluate_pipeline(zoo.load_default(name), name, n=200)
+    assert res["overall"] >= 0.6
