@@ -29,9 +29,22 @@ from .registry import Technique, list_techniques, parse_recipe, recipe_string, r
 from .steps import StepsConfig
 from .utils.logging import get_logger, set_verbosity
 
+
+
+def load_default(name: str = "shapes-mmdit", device=None, dtype=None):
+    """Load an embedded default pipeline (see ``fastgen.zoo.list()``); offline, from the package's weights.
+
+    Raises ``fastgen.zoo.WeightsNotFoundError`` (a ``FileNotFoundError``) with the training command when the
+    weights are not shipped in this install.
+    """
+    from .zoo import load_default as _load_default
+
+    return _load_default(name, device=device, dtype=dtype)
+
+
 __all__ = [
     "__version__", "accelerate", "remove", "summary", "parse_recipe", "recipe_string", "register_technique",
-    "list_techniques", "Technique", "Adapter", "get_adapter", "supported_pipelines", "load_model", "list_models",
+    "list_techniques", "Technique", "Adapter", "get_adapter", "supported_pipelines", "load_model", "list_models", "load_default",
     "StepsConfig", "FastgenError", "RecipeError", "UnsupportedPipelineError", "IncompatibleTechniquesError",
     "MissingExtraError", "get_logger", "set_verbosity",
 ]
