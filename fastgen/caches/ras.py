@@ -465,7 +465,7 @@ class _Runtime:
                 self.age.zero_()
             ctx = _Ctx("dense", slot, b, n, grid, k=n)
         else:
-            idx = sel["idx_g"].to(x.device)[sel["group"].to(x.device)]
+            idx = sel["idx_g"][sel["group"]].to(x.device)
             ctx = _Ctx("sparse", slot, b, n, grid, k=k, idx=idx, rows=flat_rows(idx, n))
         self._log(step, ctx.mode, ctx.k, n, reason)
         return ctx
@@ -485,11 +485,12 @@ class _Runtime:
         metrics = [s.metric for s in self.slots.values() if s.metric is not None and s.b == b and s.n == n]
         if not metrics:
             return None
-        score = torch.stack(metrics).mean(0).float().cpu()  # [B, N]
+        score = torch.stack(metrics).mean(0).float()  # [B, N]
         g, group = self._groups(b)
-        score_g = torch.zeros(g, n).index_add_(0, group, score) / torch.bincount(group, minlength=g)[:, None]
-        if self.age is None or self.age.shape != (g, n):
-            self.age = torch.zeros(g, n, dtype=torch.long)
+        group = group.to(score.device)
+        score_g = score.new_zeros(g, n).index_add_(0, group, score) / torch.bincount(group, minlength=g)[:, None]
+        if self.age is None or self.age.shape != (g, n) or self.age.device != score.device:
+            self.age = torch.zeros(g, n, dtype=torch.long, device=score.device)
         c = self.config
         idx_g = select_tokens(score_g, k, c.rule, c.high_fraction, c.starvation, self.age)
         self.age += 1

@@ -156,7 +156,10 @@ RULE_VARIANTS: dict[str, dict] = {
     "ends 0.5+starv": {"rule": "ends", "high_fraction": 0.5, "starvation": 0.1},
     "middle 0.3 (reference)": {"rule": "middle", "high_fraction": 0.3, "starvation": 0.0},
     "middle 0.3+starv": {"rule": "middle", "high_fraction": 0.3, "starvation": 0.1},
+    "high+starv 0.3": {"rule": "high", "starvation": 0.3},
+    "high+starv 1": {"rule": "high", "starvation": 1.0},
     "random-like (starv 5)": {"rule": "high", "starvation": 5.0},
+    "low+starv 5": {"rule": "low", "starvation": 5.0},
 }
 
 
