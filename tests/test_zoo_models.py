@@ -39,7 +39,9 @@ def test_list_and_defaults():
     assert set(zoo.DEFAULTS) == set(zoo.list())
     assert zoo.DEFAULTS["shapes-mmdit"]["num_inference_steps"] == 28
     assert zoo.DEFAULTS["shapes-unet"]["num_inference_steps"] == 50
-    assert set(zoo.call_kwargs("shapes-mmdit")) == {"num_inference_steps", "guidance_scale", "height", "width"}
+    assert set(zoo.call_kwargs("shapes-mmdit")) == {"num_inference_steps", "guidance_scale", "height", "width",
+                                                    "max_sequence_length"}
+    assert set(zoo.call_kwargs("shapes-unet")) == {"num_inference_steps", "guidance_scale", "height", "width"}
     with pytest.raises(ValueError, match="unknown zoo model"):
         zoo.load_default("nope")
 
@@ -66,15 +68,19 @@ def test_collapsed_zero_tokens_equal_default_call():
     prompts = ["a red circle", "two blue squares"]
     with torch.no_grad():
         a = pipe(prompts, generator=torch.Generator().manual_seed(0), **kw).images
-        T._use_collapsed_zeros(pipe.transformer, True, m=2)
+        T._use_collapsed_zeros(pipe.transformer, True)
         b = pipe(prompts, generator=torch.Generator().manual_seed(0), max_sequence_length=2, **kw).images
+        c = pipe(prompts, generator=torch.Generator().manual_seed(0), max_sequence_length=17, **kw).images
+        d = pipe(prompts, generator=torch.Generator().manual_seed(0), **kw).images  # 256 zeros: no bias at all
+        with pytest.raises(ValueError, match="max_sequence_length"):
+            pipe(prompts, num_inference_steps=1, max_sequence_length=300, output_type="np")
         T._use_collapsed_zeros(pipe.transformer, False)
         pe, ne, pp, npp = pipe.encode_prompt(prompts, prompts, None, do_classifier_free_guidance=True,
                                              max_sequence_length=2)
         e, p = T.encode_sd3(pipe, prompts, zero_tokens=2)
         e0, p0 = T.encode_sd3(pipe, ["", ""], zero_tokens=2)
     assert a.std() > 0.01
-    assert np.abs(a - b).max() < 1e-4
+    assert np.abs(a - b).max() < 1e-4 and np.abs(a - c).max() < 1e-4 and np.abs(a - d).max() < 1e-5
     for x, y in ((pe, e), (pp, p), (ne, e0), (npp, p0)):
         assert torch.equal(x, y)
 
@@ -225,6 +231,13 @@ def test_shipped_weights_load(name):
     kw = {**zoo.call_kwargs(name), "num_inference_steps": 2}
     img = pipe("a red circle", generator=torch.Generator().manual_seed(0), **kw).images[0]
     assert img.size == (32, 32)
+    # the plain diffusers loader and call (256 zero T5 tokens for SD3) give the same image
+    from diffusers import DiffusionPipeline
+
+    plain = DiffusionPipeline.from_pretrained(str(zoo.weights_path(name)), local_files_only=True)
+    kw.pop("max_sequence_length", None)
+    ref = plain("a red circle", generator=torch.Generator().manual_seed(0), **kw).images[0]
+    assert np.abs(np.asarray(img, dtype=np.int16) - np.asarray(ref, dtype=np.int16)).max() <= 1
 
 
 @pytest.mark.slow

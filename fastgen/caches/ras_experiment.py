@@ -11,6 +11,10 @@
     the reference's "middle" rule, each with and without the starvation term, at one sample ratio;
     reports same-seed PSNR against the dense baseline and, for the zoo's shapes models, the evaluator's
     score. Prints a Markdown table (``--json`` writes the rows).
+
+``python -m fastgen.caches.ras_experiment pareto --model shapes-mmdit``
+    ``fastgen bench`` of ``ras:0.5``/``ras:0.25`` on a zoo model with the fewer-steps control rows at
+    equal latency (the zoo's default call: collapsed zero tokens, 64 image + 18 context tokens).
 """
 
 from __future__ import annotations
@@ -157,6 +161,7 @@ RULE_VARIANTS: dict[str, dict] = {
     "middle 0.3 (reference)": {"rule": "middle", "high_fraction": 0.3, "starvation": 0.0},
     "middle 0.3+starv": {"rule": "middle", "high_fraction": 0.3, "starvation": 0.1},
     "high+starv 0.3": {"rule": "high", "starvation": 0.3},
+    "high+starv 0.5": {"rule": "high", "starvation": 0.5},
     "high+starv 1": {"rule": "high", "starvation": 1.0},
     "random-like (starv 5)": {"rule": "high", "starvation": 5.0},
     "low+starv 5": {"rule": "low", "starvation": 5.0},
@@ -242,12 +247,19 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--tokens", type=int, default=None, help="image tokens for tiny-/bench- models")
     r.add_argument("--guidance-scale", type=float, default=None)
     r.add_argument("--variants", nargs="+", default=None, help=f"subset of: {', '.join(RULE_VARIANTS)}")
-    for p in (f, r):
+    pa = sub.add_parser("pareto", help="zoo model: RAS vs fewer steps at equal latency (fastgen bench with control rows)")
+    pa.add_argument("--model", default="shapes-mmdit", help="zoo name or a zoo training-output folder")
+    pa.add_argument("--recipes", nargs="+", default=["ras:0.5", "ras:0.25"])
+    pa.add_argument("--n", type=int, default=8)
+    pa.add_argument("--repeats", type=int, default=3)
+    for p in (f, r, pa):
         p.add_argument("--threads", type=int, default=1)
         p.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
 
+    if a.cmd == "pareto":
+        return _pareto(a)
     if a.cmd == "flops":
         from ..models import load_model
         from ..testing import bench_resolution
@@ -272,16 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from .. import zoo
 
-        import os
-
-        meta_file = os.path.join(a.model, "fastgen_zoo.json")
-        if a.model in zoo.list() or os.path.exists(meta_file):  # a zoo model, shipped or a training output folder
-            if a.model in zoo.list():
-                pipe, name = zoo.load_default(a.model), a.model
-            else:
-                with open(meta_file) as fh:
-                    name = json.load(fh)["model"]
-                pipe = _load_folder(a.model)
+        loaded = _load_zoo(a.model)
+        if loaded is not None:
+            pipe, name = loaded
             kw = zoo.call_kwargs(name)
             scorer = _shapes_scorer()
         else:
@@ -307,6 +312,49 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         with open(a.json, "w") as fh:
             json.dump(rows, fh, indent=2, default=float)
+    return 0
+
+
+def _load_zoo(model: str):
+    """``(pipe, zoo name)`` for a zoo model name or a zoo training-output folder, else None."""
+    import os
+
+    from .. import zoo
+
+    if model in zoo.list():
+        return zoo.load_default(model), model
+    meta_file = os.path.join(model, "fastgen_zoo.json")
+    if os.path.exists(meta_file):
+        with open(meta_file) as fh:
+            return _load_folder(model), json.load(fh)["model"]
+    return None
+
+
+def _pareto(a) -> int:
+    from .. import zoo
+    from ..bench import benchmark, markdown_table
+    from ..bench.runner import BenchSettings
+    from ..zoo import evaluate, shapes
+
+    loaded = _load_zoo(a.model)
+    if loaded is None:
+        raise SystemExit(f"{a.model!r} is not a zoo model name or a zoo training-output folder")
+    pipe, name = loaded
+    d = zoo.call_kwargs(name)
+    extra = {k: v for k, v in d.items() if k not in ("num_inference_steps", "guidance_scale", "height", "width")}
+    prompts = tuple(shapes.sample_prompts(a.n, seed=shapes.EVAL_SEED))
+    settings = BenchSettings(steps=d["num_inference_steps"], prompts=prompts, height=d["height"], width=d["width"],
+                             guidance_scale=d["guidance_scale"], repeats=a.repeats, control=True,
+                             extra_call_kwargs=extra)
+
+    def quality(ps, images):
+        return {"score": evaluate.score(list(ps), images)["overall"]}
+
+    rows = benchmark(pipe, ["baseline", *a.recipes], settings, model_name=a.model, quality_fn=quality, progress=False)
+    sys.stdout.write(markdown_table(rows))
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump(rows, fh, indent=2, default=str)
     return 0
 
 

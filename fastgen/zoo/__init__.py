@@ -34,7 +34,7 @@ MODELS: tuple[str, ...] = ("shapes-mmdit", "shapes-unet")
 #: pipeline keyword arguments; ``sampler`` names the scheduler shipped in the folder).
 DEFAULTS: dict[str, dict[str, Any]] = {
     "shapes-mmdit": {"num_inference_steps": 28, "guidance_scale": 5.0, "sampler": "flow-euler (shift 1.0)",
-                     "height": 32, "width": 32},
+                     "height": 32, "width": 32, "max_sequence_length": 2},
     "shapes-unet": {"num_inference_steps": 50, "guidance_scale": 5.0, "sampler": "ddim", "height": 32, "width": 32},
 }
 
@@ -66,10 +66,17 @@ def weights_path(name: str) -> Path:
     return WEIGHTS_DIR / _check_name(name)
 
 
+#: Keys of :data:`DEFAULTS` that are pipeline call arguments.
+_CALL_KEYS = ("num_inference_steps", "guidance_scale", "height", "width", "max_sequence_length")
+
+
 def call_kwargs(name: str) -> dict[str, Any]:
-    """Pipeline keyword arguments for ``name``'s default call (steps, guidance, height, width)."""
+    """Pipeline keyword arguments for ``name``'s default call (steps, guidance, height, width and, for
+    ``shapes-mmdit``, ``max_sequence_length=2``: with the collapsed-zero-token attention that
+    :func:`load_default` installs, the same images as the plain 256-token call, see
+    :mod:`fastgen.zoo.attention`)."""
     d = DEFAULTS[_check_name(name)]
-    return {k: d[k] for k in ("num_inference_steps", "guidance_scale", "height", "width")}
+    return {k: d[k] for k in _CALL_KEYS if k in d}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -190,6 +197,10 @@ def check_weights(path: str | Path) -> None:
 def load_pipeline(path: str | Path, device: Any = None, dtype: Any = None):
     """Check (:func:`check_weights`) and load a diffusers pipeline folder offline.
 
+    A ``shapes-mmdit`` folder (its ``fastgen_zoo.json`` says so) gets the exact collapsed-zero-token
+    attention (:mod:`fastgen.zoo.attention`), so :func:`call_kwargs`' ``max_sequence_length=2`` is fast
+    and gives the default call's images.
+
     Args:
         path: the folder (``model_index.json`` at its root).
         device: where to put it (default CPU).
@@ -201,6 +212,11 @@ def load_pipeline(path: str | Path, device: Any = None, dtype: Any = None):
     check_weights(path)
     pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, torch_dtype=dtype or torch.float32)
     pipe.set_progress_bar_config(disable=True)
+    meta = Path(path) / "fastgen_zoo.json"
+    if meta.exists() and json.loads(meta.read_text()).get("model") == "shapes-mmdit":
+        from .attention import use_collapsed_zeros
+
+        use_collapsed_zeros(pipe.transformer, True, n_text=pipe.tokenizer.model_max_length)
     if device is not None:
         pipe.to(device)
     return pipe

@@ -61,6 +61,7 @@ import torch.nn.functional as F
 
 from fastgen.utils.logging import get_logger
 from fastgen.zoo import DEFAULTS, MODELS, shapes
+from fastgen.zoo.attention import SD3_ZERO_TOKENS, CollapsedZerosJointAttnProcessor, use_collapsed_zeros
 
 __all__ = [
     "MODELS", "ARCH", "DEFAULTS", "TrainConfig", "Trainer", "build_pipeline", "identity_vae", "word_tokenizer",
@@ -72,17 +73,15 @@ logger = get_logger(__name__)
 
 #: Architecture of each model (``--arch key=value`` overrides entries).
 ARCH: dict[str, dict[str, Any]] = {
-    "shapes-mmdit": dict(hidden=128, layers=6, heads=4, patch=2, qk_norm="rms_norm", text_hidden=64,
+    "shapes-mmdit": dict(hidden=128, layers=6, heads=4, patch=4, qk_norm="rms_norm", text_hidden=64,
                          text_layers=2, shift=1.0),
-    "shapes-unet": dict(blocks=(64, 128, 128), layers_per_block=1, heads=4, text_hidden=64, text_layers=2),
+    "shapes-unet": dict(blocks=(32, 64, 64), layers_per_block=1, heads=4, text_hidden=64, text_layers=2),
 }
 
 #: Length of every tokenizer of the zoo (the longest prompt is 8 words + start/end tokens).
 TOKENS = 16
 #: Zero tokens the fast evaluation call keeps (max_sequence_length; the tokenizer pads every prompt to 2).
 _EVAL_ZERO_TOKENS = 2
-#: Number of all-zero "T5" tokens StableDiffusion3Pipeline appends by default (``max_sequence_length``).
-SD3_ZERO_TOKENS = 256
 
 
 def _check_model(name: str) -> str:
@@ -337,57 +336,8 @@ def build_pipeline(name: str, arch: dict[str, Any] | None = None, seed: int = 0,
     return pipe
 
 
-class CollapsedZerosJointAttnProcessor:
-    """``JointAttnProcessor2_0`` for a context whose last ``m`` tokens stand for ``n`` identical zero tokens.
-
-    ``StableDiffusion3Pipeline`` appends ``max_sequence_length`` (256) all-zero "T5" tokens (no
-    ``text_encoder_3``, or the :func:`zero_t5` stub); they stay identical through every block, so
-    attending to them equals attending to ``m`` of them with their logits raised by ``log(n / m)``. Call
-    the pipeline with ``max_sequence_length=m`` and this processor set on the transformer to get the
-    default call's result at a fraction of the cost (training uses ``m = 1``, the evaluation ``m = 2``,
-    the shortest length the tokenizer pads every prompt to).
-    """
-
-    def __init__(self, n: int = SD3_ZERO_TOKENS, m: int = 1):
-        self.n, self.m = int(n), int(m)
-        self.log_n = math.log(self.n / self.m)
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
-        b = hidden_states.shape[0]
-        q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        head_dim = k.shape[-1] // attn.heads
-        split = lambda t: t.view(b, -1, attn.heads, head_dim).transpose(1, 2)  # noqa: E731
-        q, k, v = split(q), split(k), split(v)
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
-        n_img = hidden_states.shape[1]
-        if encoder_hidden_states is None:
-            raise ValueError("CollapsedZerosJointAttnProcessor needs the joint (context) stream")
-        cq = split(attn.add_q_proj(encoder_hidden_states))
-        ck = split(attn.add_k_proj(encoder_hidden_states))
-        cv = split(attn.add_v_proj(encoder_hidden_states))
-        if attn.norm_added_q is not None:
-            cq = attn.norm_added_q(cq)
-        if attn.norm_added_k is not None:
-            ck = attn.norm_added_k(ck)
-        q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
-        bias = torch.zeros(k.shape[2], dtype=q.dtype, device=q.device)
-        bias[-self.m:] = self.log_n
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.expand(1, 1, 1, -1), dropout_p=0.0)
-        out = out.transpose(1, 2).reshape(b, -1, attn.heads * head_dim).to(q.dtype)
-        hidden_states, encoder_hidden_states = out[:, :n_img], out[:, n_img:]
-        if not attn.context_pre_only:
-            encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
-        return hidden_states, encoder_hidden_states
-
-
-def _use_collapsed_zeros(transformer, on: bool, m: int = 1) -> None:
-    from diffusers.models.attention_processor import JointAttnProcessor2_0
-
-    transformer.set_attn_processor(CollapsedZerosJointAttnProcessor(m=m) if on else JointAttnProcessor2_0())
+def _use_collapsed_zeros(transformer, on: bool) -> None:
+    use_collapsed_zeros(transformer, on, n_text=TOKENS)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -432,7 +382,7 @@ def evaluate_pipeline(pipe, name: str, n: int = 100, seed: int = shapes.EVAL_SEE
 
     Image ``i`` uses ``torch.Generator().manual_seed(i)``, so results do not depend on ``batch``.
     ``fast=True`` (SD3 only) runs the mathematically identical collapsed-zero-token call
-    (:class:`CollapsedZerosJointAttnProcessor`); the default attention processors are restored after.
+    (:class:`CollapsedZerosJointAttnProcessor`); the pipeline's own attention processors are restored after.
 
     Returns:
         :func:`fastgen.zoo.evaluate.score`'s dict plus ``steps``, ``guidance``, ``seconds``
@@ -446,8 +396,9 @@ def evaluate_pipeline(pipe, name: str, n: int = 100, seed: int = shapes.EVAL_SEE
     prompts = shapes.sample_prompts(n, seed)
     is_sd3 = hasattr(pipe, "transformer") and pipe.transformer is not None
     extra: dict[str, Any] = {}
+    saved_procs = pipe.transformer.attn_processors if is_sd3 else None
     if is_sd3 and fast:
-        _use_collapsed_zeros(pipe.transformer, True, m=_EVAL_ZERO_TOKENS)
+        _use_collapsed_zeros(pipe.transformer, True)
         extra["max_sequence_length"] = _EVAL_ZERO_TOKENS
     t0 = time.time()
     images = []
@@ -461,7 +412,7 @@ def evaluate_pipeline(pipe, name: str, n: int = 100, seed: int = shapes.EVAL_SEE
                 images.append(np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8))
     finally:
         if is_sd3 and fast:
-            _use_collapsed_zeros(pipe.transformer, False)
+            pipe.transformer.set_attn_processor(saved_procs)
     imgs = np.concatenate(images)
     res: dict[str, Any] = dict(evaluate.score(prompts, imgs))
     res.update(steps=steps, guidance=guidance, seconds=round(time.time() - t0, 1))
