@@ -1,4 +1,4 @@
-"""The ``fastgen`` command: ``demo``, ``bench``, ``info``.
+"""The ``fastgen`` command: ``demo``, ``bench``, ``tune``, ``app``, ``info``.
 
 Errors in what the user typed (unknown recipe, model, bad sizes) print one line and exit with status 2;
 no traceback.
@@ -22,7 +22,31 @@ from .utils.logging import get_logger
 logger = get_logger(__name__)
 
 DEMO_RECIPE = "sampler:dpm++2m@8"
-DEFAULT_MODEL = "tiny-sd3"
+#: The trained default model (``fastgen/zoo``); ``FALLBACK_MODEL`` when its weights are not installed.
+DEFAULT_MODEL = "shapes-mmdit"
+FALLBACK_MODEL = "tiny-sd3"
+#: Held-out prompts the demo/bench score on a zoo model (``--prompts-n`` changes it).
+ZOO_PROMPTS = 16
+
+
+def _default_model() -> str:
+    from . import zoo
+
+    if (zoo.weights_path(DEFAULT_MODEL) / "model_index.json").exists():
+        return DEFAULT_MODEL
+    return FALLBACK_MODEL
+
+
+def _is_zoo(name: str) -> bool:
+    from . import zoo
+
+    return name in zoo.list()
+
+
+def _zoo_quality_fn(prompts: list[str], images: np.ndarray) -> dict:
+    from .zoo import evaluate
+
+    return evaluate.score(prompts, images)
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -44,6 +68,21 @@ def _device(name: str | None) -> str:
 def _settings(args):
     from .bench import BenchSettings
 
+    if _is_zoo(args.model):
+        from . import zoo
+        from .zoo import shapes
+
+        d = zoo.call_kwargs(args.model)
+        extra = {k: v for k, v in d.items() if k not in ("num_inference_steps", "guidance_scale", "height", "width")}
+        prompts = tuple(args.prompt) if args.prompt else tuple(shapes.sample_prompts(args.prompts_n, shapes.EVAL_SEED))
+        return BenchSettings(
+            steps=args.steps or d["num_inference_steps"], prompts=prompts, seeds=tuple(args.seeds),
+            height=args.height or d["height"], width=args.width or d["width"],
+            guidance_scale=d["guidance_scale"] if args.guidance_scale is None else args.guidance_scale,
+            repeats=args.repeats, warmup=args.warmup, control=getattr(args, "control", False), extra_call_kwargs=extra,
+        )
+    if args.steps is None:
+        args.steps = 28
     height, width = args.height, args.width
     if getattr(args, "tokens", None):
         from .testing import KINDS, bench_resolution
@@ -77,11 +116,15 @@ def _load(args):
     return load_model(args.model, device=None if device == "cpu" else device, dtype=None if dtype == torch.float32 else dtype)
 
 
-def _add_common(p: argparse.ArgumentParser, default_steps: int) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"model name (tiny-<kind>, bench-<kind>), a local diffusers folder or a hub id (default {DEFAULT_MODEL})")
-    p.add_argument("--steps", type=int, default=default_steps, help="baseline num_inference_steps")
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help=f"zoo model ({DEFAULT_MODEL}, shapes-unet), tiny-<kind>, bench-<kind>, a local diffusers folder "
+                        f"or a hub id (default {DEFAULT_MODEL}; {FALLBACK_MODEL} if its weights are not installed)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="baseline num_inference_steps (default: the zoo model's default, else 28)")
     p.add_argument("--prompt", action="append", help="prompt (repeatable); class name for class-conditional models")
+    p.add_argument("--prompts-n", type=int, default=ZOO_PROMPTS,
+                   help=f"zoo models: score this many held-out prompts (default {ZOO_PROMPTS})")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds; one image per prompt and seed")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
@@ -104,7 +147,8 @@ def cmd_bench(args) -> int:
         parse_recipe(r)  # fail fast, before loading anything
     settings = _settings(args)
     pipe = _load(args)
-    rows = benchmark(pipe, recipes, settings, model_name=args.model, progress=not args.no_progress)
+    rows = benchmark(pipe, recipes, settings, model_name=args.model, progress=not args.no_progress,
+                     quality_fn=_zoo_quality_fn if _is_zoo(args.model) else None)
     table = markdown_table(rows)
     sys.stdout.write(table)
     if args.json:
@@ -139,14 +183,14 @@ def cmd_demo(args) -> int:
     from .registry import parse_recipe
 
     parse_recipe(args.recipe)
-    if args.model == DEFAULT_MODEL:
-        sys.stderr.write(f"fastgen demo: running on the tiny random-weight pipeline {DEFAULT_MODEL!r} "
-                         "(no trained default model is shipped yet); images are noise-like, speed ratios are real.\n")
+    if args.model == FALLBACK_MODEL and _default_model() == FALLBACK_MODEL:
+        sys.stderr.write(f"fastgen demo: the weights of {DEFAULT_MODEL!r} are not installed; running on the tiny "
+                         f"random-weight pipeline {FALLBACK_MODEL!r}: images are noise-like, speed ratios are real.\n")
     settings = _settings(args)
     pipe = _load(args)
     os.makedirs(args.out, exist_ok=True)
     rows = benchmark(pipe, ["baseline", args.recipe], settings, model_name=args.model, progress=not args.no_progress,
-                     keep_images=True)
+                     keep_images=True, quality_fn=_zoo_quality_fn if _is_zoo(args.model) else None)
     grid_rows = [(r["recipe"], r.pop("images")) for r in rows]
     _grid(grid_rows, os.path.join(args.out, "grid.png"))
     write_json(rows, os.path.join(args.out, "results.json"))
@@ -155,6 +199,52 @@ def cmd_demo(args) -> int:
         f.write(table)
     sys.stdout.write(table)
     sys.stdout.write(f"\nwrote {args.out}/grid.png, results.json, results.md\n")
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from .registry import parse_recipe
+    from .tune import BudgetError, TuneConfig, format_result, parse_budget, tune
+
+    zoo_model = _is_zoo(args.model)
+    budget = parse_budget(args.budget or ("score>=0.97*baseline" if zoo_model else "psnr>=30"))  # before loading
+    if budget.metric == "score" and not zoo_model:
+        raise BudgetError(f"budget {budget} needs a model with an exact evaluator (shapes-mmdit, shapes-unet); "
+                          f"{args.model!r} has none: use 'psnr>=N' or 'ssim>=N'")
+    for r in args.candidate or []:
+        parse_recipe(r)
+    if args.target == "cuda" and not torch.cuda.is_available():
+        raise FastgenError("--target cuda was asked for but torch sees no CUDA GPU; use --target cpu")
+    args.device = args.target or args.device
+    config = TuneConfig(max_trials=args.max_trials, screen_prompts=args.screen_prompts, confirm_top=args.confirm_top,
+                        confirm_prompts=args.prompts_n, confirm_repeats=args.repeats, combos=not args.no_combos,
+                        extra=tuple(args.candidate or ()))
+    settings = _settings(args)
+    pipe = _load(args)
+    progress = None
+    if not args.no_progress:
+        def progress(frac: float, what: str) -> None:
+            sys.stderr.write(f"\r{what} [{frac:4.0%}]")
+            if frac >= 1.0:
+                sys.stderr.write("\n")
+
+    res = tune(pipe, settings, budget, config=config, model_name=args.model,
+               quality_fn=_zoo_quality_fn if zoo_model else None, progress=progress)
+    sys.stdout.write(format_result(res))
+    if args.json:
+        res.write_json(args.json)
+        sys.stdout.write(f"\nwrote {args.json}\n")
+    return 0
+
+
+def cmd_app(args) -> int:
+    if importlib.util.find_spec("gradio") is None:
+        raise FastgenError('the app needs gradio, which is not installed: pip install "fastgen[app]"')
+    from apps.app import launch  # the CLI is the front door; fastgen's library code never imports apps
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    launch(args.model, host=args.host, port=args.port, share=args.share == "yes")
     return 0
 
 
@@ -191,19 +281,46 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="baseline vs an accelerated recipe on the default model: table + image grid")
-    _add_common(p, default_steps=28)
+    _add_common(p)
     p.add_argument("--recipe", default=DEMO_RECIPE, help=f"accelerated recipe (default {DEMO_RECIPE})")
     p.add_argument("--out", default="fastgen-demo", help="output folder for grid.png and results")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("bench", help="benchmark recipes side by side (JSON, Markdown, Pareto plot)")
-    _add_common(p, default_steps=28)
+    _add_common(p)
     p.add_argument("--recipe", action="append", help="recipe string (repeatable), e.g. 'sampler:dpm++2m@8'")
     p.add_argument("--json", help="write rows as JSON here")
     p.add_argument("--markdown", help="write the Markdown table here")
     p.add_argument("--plot", help="write the speed/quality Pareto PNG here")
     p.add_argument("--control", action="store_true", help="add fewer-steps control rows at equal latency")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("tune", help="search recipes for the fastest one within a quality budget, timed on the target")
+    _add_common(p)
+    p.add_argument("--target", choices=("cpu", "cuda"), default=None,
+                   help="hardware to measure on (default: cuda when available, else cpu)")
+    p.add_argument("--budget", default=None,
+                   help="quality floor: 'score>=0.97*baseline' (zoo models; their default), 'score>=0.8', "
+                        "'psnr>=30' (default for other models), 'ssim>=0.9'")
+    p.add_argument("--json", help="write {best, front, trials} as JSON here")
+    p.add_argument("--max-trials", type=int, default=24, help="candidate recipes screened (default 24)")
+    p.add_argument("--screen-prompts", type=int, default=2, help="prompts per candidate when screening (default 2)")
+    p.add_argument("--confirm-top", type=int, default=3, help="screened candidates confirmed on --prompts-n prompts")
+    p.add_argument("--candidate", action="append", help="extra recipe to screen beside the grid (repeatable)")
+    p.add_argument("--no-combos", action="store_true", help="screen single techniques only")
+    for action in p._actions:  # tune confirms on fewer prompts than bench scores on
+        if action.dest == "prompts_n":
+            action.default, action.help = 8, "prompts the best candidates are confirmed on (zoo: held-out; default 8)"
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("app", help="the Gradio comparison app (extra 'app')")
+    p.add_argument("--model", default=None, help=f"initial model (default {DEFAULT_MODEL}; {FALLBACK_MODEL} if its "
+                                                 "weights are not installed); others can be picked in the page")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--share", choices=("yes", "no"), default="no", help="gradio share link (needs internet)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.set_defaults(func=cmd_app)
 
     p = sub.add_parser("info", help="versions, devices, installed extras, registered techniques")
     p.add_argument("--json", action="store_true")
@@ -214,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "model", "") is None:
+        args.model = _default_model()
     try:
         return args.func(args)
     except FastgenError as e:

@@ -1,5 +1,7 @@
 """Resolve a model name for the CLI, the benchmark and the app.
 
+* a zoo name (``shapes-mmdit``, ``shapes-unet``): the trained default models shipped with fastgen
+  (:func:`fastgen.zoo.load_default`); their default call and exact evaluator come from :mod:`fastgen.zoo`;
 * ``tiny-<kind>``: :func:`fastgen.testing.tiny_pipeline` (random weights, seconds per image);
 * ``bench-<kind>``: the same family at bench size (speed ratios only; random weights);
 * a local folder: ``DiffusionPipeline.from_pretrained(path)`` (offline, ``local_files_only``);
@@ -25,11 +27,17 @@ class ModelNotFoundError(FastgenError, ValueError):
 
 def list_models() -> list[str]:
     """Names :func:`load_model` accepts besides paths and hub ids."""
-    return [f"tiny-{k}" for k in KINDS] + [f"bench-{k}" for k in KINDS]
+    from . import zoo
+
+    return zoo.list() + [f"tiny-{k}" for k in KINDS] + [f"bench-{k}" for k in KINDS]
 
 
 def load_model(name: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
     """Load a pipeline by name (see module docstring). The progress bar is disabled."""
+    from . import zoo
+
+    if name in zoo.list():
+        return zoo.load_default(name, device=device, dtype=dtype)
     for prefix, size in (("tiny-", "tiny"), ("bench-", "bench")):
         if name.startswith(prefix) and name[len(prefix):] in KINDS:
             return tiny_pipeline(name[len(prefix):], size=size, device=device, dtype=dtype)

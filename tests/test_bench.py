@@ -137,3 +137,26 @@ def test_acceptance_8_step_sampler_is_over_2x_faster(tmp_path):
                  "--steps", "28", "--json", str(out), "--no-progress"]) == 0
     rows = {r["recipe"]: r for r in json.loads(out.read_text())}
     assert rows["sampler:dpm++2m@8"]["speedup"] > 2
+
+
+def test_demo_and_bench_default_to_the_zoo_model_with_evaluator_scores(tmp_path, monkeypatch):
+    """With shapes-mmdit weights installed (here a tiny untrained stand-in), `fastgen demo` and `bench` use it
+    by default, with its default call (collapsed zero tokens) and the evaluator's score on every row."""
+    import fastgen.zoo as zoo
+    from fastgen import cli
+    from fastgen.zoo import train as T
+
+    pipe = T.build_pipeline("shapes-mmdit", dict(hidden=32, layers=1, heads=2, text_hidden=16, text_layers=1))
+    T.save_pipeline(pipe, tmp_path / "w" / "shapes-mmdit", meta={"model": "shapes-mmdit"})
+    monkeypatch.setattr(zoo, "WEIGHTS_DIR", tmp_path / "w")
+    assert cli._default_model() == "shapes-mmdit"
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--steps", "2", "--prompts-n", "3", "--repeats", "1", "--out", str(out), "--no-progress"]) == 0
+    rows = json.loads((out / "results.json").read_text())
+    rows = rows["rows"] if isinstance(rows, dict) else rows
+    assert [r["recipe"] for r in rows] == ["baseline", "sampler:dpm++2m@8"]
+    for r in rows:
+        assert r["model"] == "shapes-mmdit" and r["n_images"] == 3 and 0.0 <= r["score"] <= 1.0
+        assert "score_color" in r
+    monkeypatch.setattr(zoo, "WEIGHTS_DIR", tmp_path / "none")
+    assert cli._default_model() == cli.FALLBACK_MODEL

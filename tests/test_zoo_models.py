@@ -119,6 +119,32 @@ def test_train_checkpoint_resume_is_exact(model, tmp_path):
         d.resume()
 
 
+def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path):
+    """A kill (SIGTERM) mid-run stops after the current step with a checkpoint; resuming matches a straight run."""
+    import signal
+
+    cfg = _cfg("shapes-mmdit")
+    a = T.Trainer(cfg, tmp_path / "a")
+    straight = [a.train_step() for _ in range(3)]
+
+    b = T.Trainer(cfg, tmp_path / "b")
+    losses: list[float] = []
+    step = b.train_step
+
+    def step_then_kill():
+        losses.append(step())
+        if b.step == 2:
+            signal.raise_signal(signal.SIGTERM)
+        return losses[-1]
+
+    b.train_step = step_then_kill
+    assert b.run(steps=10, eval_minutes=0, ckpt_minutes=0) == {}
+    assert b.step == 2 and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    c = T.Trainer(cfg, tmp_path / "b")
+    assert c.resume() and c.step == 2
+    assert losses + [c.train_step()] == straight
+
+
 @pytest.mark.parametrize("model", ["shapes-mmdit", "shapes-unet"])
 def test_save_and_reload(model, tmp_path):
     from diffusers import DiffusionPipeline

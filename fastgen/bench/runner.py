@@ -157,7 +157,14 @@ def benchmark(
     return rows
 
 
-def _run(pipe, recipes: dict[str, list], s: BenchSettings, model_name: str, quality_fn, progress: bool,
+def _run(*args, **kwargs) -> list[dict]:
+    from ..utils.logging import quiet_diffusers
+
+    with quiet_diffusers():
+        return _run_quiet(*args, **kwargs)
+
+
+def _run_quiet(pipe, recipes: dict[str, list], s: BenchSettings, model_name: str, quality_fn, progress: bool,
          reference: np.ndarray | None) -> list[dict]:
     device = getattr(pipe, "device", torch.device("cpu"))
     dtype = getattr(pipe, "dtype", torch.float32)

@@ -36,3 +36,24 @@ def set_verbosity(level: int | str) -> None:
     """Set the level of every fastgen logger (``"INFO"``, ``logging.DEBUG``, ...)."""
     _configure()
     logging.getLogger(_ROOT).setLevel(level.upper() if isinstance(level, str) else level)
+
+
+class quiet_diffusers:
+    """Context manager: diffusers' own loggers at ERROR inside (restored after).
+
+    fastgen's benchmark and evaluation call pipelines many times with deliberate settings (e.g. the zoo's
+    ``max_sequence_length=2`` for its all-zero T5 stub, which makes diffusers warn about "truncated" input
+    on every call); the warnings would bury the results.
+    """
+
+    def __enter__(self):
+        import diffusers.utils.logging as dlog
+
+        self._dlog = dlog
+        self._level = dlog.get_verbosity()
+        dlog.set_verbosity_error()
+        return self
+
+    def __exit__(self, *exc):
+        self._dlog.set_verbosity(self._level)
+        return False

@@ -59,7 +59,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastgen.utils.logging import get_logger
+from fastgen.utils.logging import get_logger, quiet_diffusers
 from fastgen.zoo import DEFAULTS, MODELS, shapes
 from fastgen.zoo.attention import SD3_ZERO_TOKENS, CollapsedZerosJointAttnProcessor, use_collapsed_zeros
 
@@ -403,7 +403,7 @@ def evaluate_pipeline(pipe, name: str, n: int = 100, seed: int = shapes.EVAL_SEE
     t0 = time.time()
     images = []
     try:
-        with torch.no_grad():
+        with torch.no_grad(), quiet_diffusers():
             for i in range(0, n, batch):
                 ps = prompts[i:i + batch]
                 gens = [torch.Generator().manual_seed(j) for j in range(i, i + len(ps))]
@@ -627,30 +627,50 @@ class Trainer:
         last_ckpt = last_eval = self.elapsed
         losses: list[float] = []
         t_log = time.time()
-        while True:
-            if steps is not None and self.step >= steps:
-                break
-            if minutes is not None and self.elapsed >= minutes * 60:
-                break
-            t0 = time.time()
-            losses.append(self.train_step())
-            self.elapsed += time.time() - t0
-            if self.step % log_every == 0:
-                dt = time.time() - t_log
-                logger.info("step %d  loss %.4f  %.2f s/step  %.1f min", self.step, float(np.mean(losses)),
-                            dt / len(losses), self.elapsed / 60)
-                losses, t_log = [], time.time()
-            if eval_minutes and self.elapsed - last_eval >= eval_minutes * 60:
-                self.evaluate_and_save(eval_prompts)
-                last_eval = self.elapsed
-                self.save_checkpoint()
-                last_ckpt = self.elapsed
-            if ckpt_minutes and self.elapsed - last_ckpt >= ckpt_minutes * 60:
-                self.save_checkpoint()
-                last_ckpt = self.elapsed
+        stop: list[int] = []
+        restore = _on_stop_signals(lambda signum, frame: stop.append(signum))
+        try:
+            while not stop:
+                if steps is not None and self.step >= steps:
+                    break
+                if minutes is not None and self.elapsed >= minutes * 60:
+                    break
+                t0 = time.time()
+                losses.append(self.train_step())
+                self.elapsed += time.time() - t0
+                if self.step % log_every == 0:
+                    dt = time.time() - t_log
+                    logger.info("step %d  loss %.4f  %.2f s/step  %.1f min", self.step, float(np.mean(losses)),
+                                dt / len(losses), self.elapsed / 60)
+                    losses, t_log = [], time.time()
+                if eval_minutes and self.elapsed - last_eval >= eval_minutes * 60:
+                    self.evaluate_and_save(eval_prompts)
+                    last_eval = self.elapsed
+                    self.save_checkpoint()
+                    last_ckpt = self.elapsed
+                if ckpt_minutes and self.elapsed - last_ckpt >= ckpt_minutes * 60:
+                    self.save_checkpoint()
+                    last_ckpt = self.elapsed
+        finally:
+            restore()
+        if stop:  # SIGTERM/SIGINT: keep everything up to the last finished step, skip the final evaluation
+            self.save_checkpoint()
+            logger.warning("stopped by signal %d at step %d; checkpoint saved, resume with --resume", stop[0], self.step)
+            return {}
         row = self.evaluate_and_save(eval_prompts) if final_eval else {}
         self.save_checkpoint()
         return row
+
+
+def _on_stop_signals(handler) -> Any:
+    """Route SIGTERM/SIGINT to ``handler`` (main thread only); returns a function that restores the old handlers."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    return lambda: [signal.signal(sig, h) for sig, h in old.items()]
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
