@@ -1,5 +1,69 @@
-"""quant: QALoRA low-bit quantization and deployment (in progress, issue 8).
+"""quant: EfficientDM-style QALoRA low-bit quantization of diffusers denoisers (fake quant + integer export).
 
-Nothing is exported yet: quantization lands with its issue. This package exists so that the
-distribution's top-level layout (fastgen, samplers, distill, quant, apps) is fixed from the start.
+* :func:`apply_qalora` / :func:`remove_qalora`: wrap the denoiser's ``Linear``/``Conv2d`` layers in
+  quantized layers ``op(Q_a,t(x), Q_w(W + B A))`` (LoRA merged before quantization, LSQ step sizes,
+  activation steps per timestep keyed by the call's real timestep); bit-exact removal.
+* :func:`capture_calibration` / :func:`calibrate`: data-free calibration from the FP pipeline's own
+  trajectories (prompts only).
+* :func:`finetune_qalora` / :class:`QALoRATrainer`: the EfficientDM distillation fine-tune (LoRA + step
+  sizes only); CLI ``python -m quant.qalora``.
+* :func:`apply_ptq` / :class:`PTQConfig`: the plain PTQ baseline; :func:`quantize`: one call (recipe use).
+* :func:`merge`, :func:`save`, :func:`load`: integer weights + scales + per-timestep activation tables in
+  safetensors, for a later real-kernel deployment step (torchao / ExecuTorch are not in this package).
+
+Reference: He et al., *EfficientDM: Efficient Quantization-Aware Fine-Tuning of Low-Bit Diffusion Models*,
+ICLR 2024 (arXiv 2310.03270). Real low-bit kernels are not here: everything is fake quantization in float.
 """
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Public names -> the submodule defining them. Imported lazily so that ``python -m quant.qalora`` does not
+# import quant.qalora before running it as __main__ (runpy warns about that).
+_EXPORTS: dict[str, str] = {
+    **dict.fromkeys(["DEFAULT_PROMPTS", "CalibrationRecord", "CalibrationSet", "calibrate", "capture_calibration"],
+                    "calibration"),
+    **dict.fromkeys(["QuantCheckpointError", "load", "read_header", "save"], "io"),
+    **dict.fromkeys(["PTQConfig", "apply_ptq", "quantize", "remove_ptq"], "ptq"),
+    **dict.fromkeys(["DEFAULT_KEEP_FP", "FIRST_LAST_LAYERS", "MODULATION_LAYERS", "LayerSpec", "QALoRAConfig",
+                     "QALoRALayer", "QuantContext", "apply_qalora", "get_denoiser", "is_quantized", "merge",
+                     "plan_layers", "qalora_layers", "qalora_state", "qalora_summary", "quant_mode", "quantized_state",
+                     "remove_qalora"], "qalora"),
+    **dict.fromkeys(["ActQuantizer", "WeightQuantizer"], "quantizers"),
+    **dict.fromkeys(["FinetuneConfig", "QALoRATrainer", "distillation_error", "finetune_qalora"], "trainer"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    mod = _EXPORTS.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'quant' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{mod}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs
+    from .calibration import DEFAULT_PROMPTS, CalibrationRecord, CalibrationSet, calibrate, capture_calibration
+    from .io import QuantCheckpointError, load, read_header, save
+    from .ptq import PTQConfig, apply_ptq, quantize, remove_ptq
+    from .qalora import (DEFAULT_KEEP_FP, FIRST_LAST_LAYERS, MODULATION_LAYERS, LayerSpec, QALoRAConfig, QALoRALayer,
+                         QuantContext, apply_qalora, get_denoiser, is_quantized, merge, plan_layers, qalora_layers,
+                         qalora_state, qalora_summary, quant_mode, quantized_state, remove_qalora)
+    from .quantizers import ActQuantizer, WeightQuantizer
+    from .trainer import FinetuneConfig, QALoRATrainer, distillation_error, finetune_qalora
+
+__all__ = [
+    "QALoRAConfig", "FinetuneConfig", "PTQConfig", "LayerSpec", "QALoRALayer", "QuantContext", "ActQuantizer",
+    "WeightQuantizer", "CalibrationSet", "CalibrationRecord", "QALoRATrainer", "QuantCheckpointError",
+    "apply_qalora", "remove_qalora", "is_quantized", "get_denoiser", "qalora_state", "plan_layers", "qalora_layers",
+    "qalora_summary", "quant_mode", "capture_calibration", "calibrate", "finetune_qalora", "distillation_error",
+    "apply_ptq", "remove_ptq", "quantize", "merge", "quantized_state", "save", "load", "read_header",
+    "DEFAULT_KEEP_FP", "FIRST_LAST_LAYERS", "MODULATION_LAYERS", "DEFAULT_PROMPTS",
+]
+
+assert set(__all__) == set(_EXPORTS), sorted(set(__all__) ^ set(_EXPORTS))
