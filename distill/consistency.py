@@ -1,0 +1,516 @@
+"""Consistency distillation of diffusers pipelines into 1-8-step students, data-free.
+
+**LCM** (:class:`LCMTrainer`; Luo et al., "Latent Consistency Models", arXiv 2310.04378) for epsilon /
+v-prediction UNets (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``). Skipping-step grid of
+``num_ddim_timesteps`` points (``k = T / N``; ``t_{n+k} = (n + 1) k - 1``, ``t_n = max(t_{n+k} - k, 0)``);
+``x_{t_{n+k}}`` = the forward process on a teacher sample; the frozen teacher with CFG at a sampled
+``w ~ U[w_min, w_max]`` (``g = 1 + w``) takes one DDIM step to ``t_n``; the student's consistency function
+``f(x, t) = c_skip(t) x + c_out(t) x0_hat(x, t)`` with ``c_skip = sd^2 / ((10 t)^2 + sd^2)``,
+``c_out = 10 t / sqrt((10 t)^2 + sd^2)`` (``sd = 0.5``: the boundary condition ``f(x, 0) = x``, identical to
+``LCMScheduler``) is matched to the **EMA target network**'s ``f`` at ``(x_hat_{t_n}, t_n)`` with the
+pseudo-Huber loss. The student is w-conditioned through ``time_cond_proj_dim`` (zero-initialised, see
+:mod:`distill.models`) unless ``guidance_embed=False`` (LCM-LoRA style: ``w`` folded in). Full weights or
+a peft LoRA (``lora_rank``; LCM-LoRA proper also sets ``ema_decay=0``: the target is the student under
+``no_grad``). Saved with ``LCMScheduler`` (``original_inference_steps = num_ddim_timesteps``)::
+
+    pipe(prompt, num_inference_steps=4, guidance_scale=g)      # w-conditioned: one UNet call per step
+    pipe(prompt, num_inference_steps=4, guidance_scale=1.0)    # guidance_embed=False: CFG baked in
+
+**sCM** (:class:`SCMTrainer`; Lu & Song, "Simplifying, Stabilizing and Scaling Continuous-Time
+Consistency Models", ICLR 2025) for flow-matching MMDiTs (``StableDiffusion3Pipeline``), through the
+training-free flow -> TrigFlow conversion of SANA-Sprint (Chen et al., arXiv 2503.09641): a rectified-flow
+model ``v(x_s, s)`` (``x_s = (1 - s) x_0 + s eps``) *is* a TrigFlow model ``F(x_t / sd, t)`` with
+``s = sin t / (sin t + cos t)``, ``x_s = (x_t / sd) / (sin t + cos t)``, ``F = ((1 - 2s) x_s + (1 - 2s + 2s^2) v)
+/ sqrt(s^2 + (1 - s)^2)`` (:func:`flow_to_trigflow`), so the student keeps the teacher's class and
+weights. Per step: TrigFlow data ``sd * x_0``, ``t = arctan(e^tau / sd)``, ``tau ~ N(p_mean, p_std^2)``; the
+teacher's CFG velocity gives ``dx_t/dt``; one forward-mode JVP of the student (``torch.func.jvp``) along
+the PF-ODE, tangents ``(cos t sin t dx_t/dt / sd, cos t sin t)``; ``g = -cos^2 t (sd F^- - dx_t/dt) -
+r cos t sin t x_t - r sd dF^-`` (``r`` warms up from 0 to 1 over ``tangent_warmup`` steps) normalised
+``g / (||g|| + c)``; loss ``exp(-logvar(t)) / (sd tan t) * mean((F_theta - F^- - g)^2) + logvar(t)`` with a
+learned adaptive weighting ``logvar`` (:class:`LogVarHead`, kept in the checkpoint only).
+
+*Attention backend for the JVP*: PyTorch's fused SDPA kernels have no forward-mode AD (torch 2.x raises
+``NotImplementedError`` for ``_scaled_dot_product_flash_attention_for_cpu``; the CUDA flash/efficient/cuDNN
+kernels likewise); the math backend is plain differentiable ops and supports it. The JVP therefore runs
+under ``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)`` (:func:`jvp_attention`), on CPU and GPU alike;
+the ordinary forward/backward passes keep the fast kernels.
+
+In flow coordinates the TrigFlow consistency function ``f = cos t x_t - sin t sd F`` is exactly the flow
+``x_0`` prediction ``x_s - s v``, so a plain ``FlowMatchEulerDiscreteScheduler`` (shift 1) samples the
+student: one step from ``s = 1`` *is* the consistency map, two steps pass through ``s_mid`` (sCM's
+intermediate ``t = 1.3``, ``s_mid = 0.7827``; deterministic Euler re-noising with the model's own noise
+estimate). diffusers' ``SCMScheduler`` would need the model to take TrigFlow inputs (radian timesteps,
+``sd``-scaled latents) and the SD3 pipeline to pass it a generator, so it is not used. The student keeps
+the plain ``SD3Transformer2DModel`` class (every SD3 fastgen technique applies)::
+
+    pipe(prompt, num_inference_steps=1, guidance_scale=1.0)                         # 1 step
+    pipe(prompt, num_inference_steps=2, sigmas=[1.0, 0.7827], guidance_scale=1.0)   # 2 steps
+
+(``guidance_scale=1``: the SD3 pipeline would batch CFG otherwise; the guidance is baked in, or, with
+``guidance_embed=True``, passed as ``joint_attention_kwargs={"guidance_scale": g}``.)
+
+CLI (also ``accelerate launch -m distill.consistency ...``)::
+
+    python -m distill.consistency --method lcm --teacher shapes-unet --output runs/lcm --steps 2000
+    python -m distill.consistency --method scm --teacher shapes-mmdit --output runs/scm --steps 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastgen.errors import UnsupportedPipelineError
+from fastgen.utils.logging import get_logger
+
+from .common import (
+    DistillConfig,
+    DistillTrainer,
+    FlowFamily,
+    UNetFamily,
+    add_common_args,
+    check_fresh_or_resume,
+    config_from_args,
+    family_for,
+    load_teacher,
+    pseudo_huber,
+    setup_cli_logging,
+)
+from .models import GuidanceSD3Transformer2DModel, sd3_with_guidance_input, unet_with_guidance_input
+
+__all__ = [
+    "LCMConfig", "SCMConfig", "LCMTrainer", "SCMTrainer", "distill_consistency", "lcm_boundary_scalings",
+    "flow_to_trigflow", "trigflow_to_flow_time", "trigflow_consistency", "jvp_attention", "LogVarHead",
+    "scm_call_kwargs", "SCM_MID_T", "main",
+]
+
+logger = get_logger(__name__)
+
+#: sCM's intermediate TrigFlow time for 2-step sampling (SANA-Sprint / diffusers SCMScheduler: 1.3 rad).
+SCM_MID_T = 1.3
+
+
+# --------------------------------------------------------------------------------------------------
+# Math
+# --------------------------------------------------------------------------------------------------
+
+
+def lcm_boundary_scalings(t: torch.Tensor, sigma_data: float = 0.5, timestep_scaling: float = 10.0):
+    """``(c_skip, c_out)`` of LCM at integer timesteps ``t`` (as ``LCMScheduler``): ``c_skip(0) = 1``,
+    ``c_out(0) = 0``, so ``f(x, 0) = x``."""
+    st = timestep_scaling * t.double()
+    c_skip = sigma_data ** 2 / (st ** 2 + sigma_data ** 2)
+    c_out = st / (st ** 2 + sigma_data ** 2).sqrt()
+    return c_skip.float(), c_out.float()
+
+
+def trigflow_to_flow_time(t: torch.Tensor) -> torch.Tensor:
+    """Flow time ``s = sin t / (sin t + cos t)`` of TrigFlow time ``t`` in ``[0, pi/2]``."""
+    return torch.sin(t) / (torch.sin(t) + torch.cos(t))
+
+
+def flow_to_trigflow(v_fn, x_unit: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """TrigFlow output ``F(x_unit, t)`` of a rectified-flow velocity model (SANA-Sprint's training-free
+    conversion; ``x_unit = x_t / sigma_data``; ``v_fn(x_s, s)`` the flow model with ``s`` in [0, 1])."""
+    sh = (-1,) + (1,) * (x_unit.ndim - 1)
+    sin, cos = torch.sin(t).view(sh), torch.cos(t).view(sh)
+    s = trigflow_to_flow_time(t)
+    x_s = x_unit / (sin + cos)
+    v = v_fn(x_s, s)
+    s_ = s.view(sh)
+    return ((1 - 2 * s_) * x_s + (1 - 2 * s_ + 2 * s_ * s_) * v) / torch.sqrt(s_ * s_ + (1 - s_) ** 2)
+
+
+def trigflow_consistency(x_t: torch.Tensor, t: torch.Tensor, F_out: torch.Tensor, sigma_data: float = 0.5):
+    """sCM's consistency function ``f(x_t, t) = cos t x_t - sin t sd F`` (identity at ``t = 0``)."""
+    sh = (-1,) + (1,) * (x_t.ndim - 1)
+    return torch.cos(t).view(sh) * x_t - torch.sin(t).view(sh) * sigma_data * F_out
+
+
+@contextlib.contextmanager
+def jvp_attention():
+    """Force PyTorch's math SDPA backend (the only one with forward-mode AD) inside the block."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        yield
+
+
+class LogVarHead(torch.nn.Module):
+    """sCM's adaptive weighting ``logvar(t)``: fixed Fourier features of ``t`` and a zero-initialised
+    linear layer (``logvar = 0`` at the start)."""
+
+    def __init__(self, n_freq: int = 32):
+        super().__init__()
+        self.register_buffer("freqs", torch.exp(torch.linspace(0.0, math.log(1000.0), n_freq)), persistent=False)
+        self.linear = torch.nn.Linear(2 * n_freq, 1)
+        torch.nn.init.zeros_(self.linear.weight)
+        torch.nn.init.zeros_(self.linear.bias)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        arg = t.float()[:, None] * self.freqs[None, :]
+        return self.linear(torch.cat([torch.cos(arg), torch.sin(arg)], 1)).squeeze(1)
+
+
+def scm_call_kwargs(steps: int = 1, mid_t: float = SCM_MID_T, guidance_scale: float | None = None) -> dict[str, Any]:
+    """Pipeline keyword arguments for an sCM student saved by :class:`SCMTrainer` (1 or 2 steps; more
+    steps use TrigFlow times ``linspace(pi/2, 0, steps + 1)``); ``guidance_scale`` for w-conditioned ones."""
+    if steps < 1:
+        raise ValueError("steps must be >= 1")
+    if steps == 2:
+        sig = [1.0, float(trigflow_to_flow_time(torch.tensor(mid_t, dtype=torch.float64)))]
+    else:
+        ts = torch.linspace(math.pi / 2, 0.0, steps + 1, dtype=torch.float64)[:-1]
+        sig = [float(v) for v in trigflow_to_flow_time(ts)]
+    kw: dict[str, Any] = {"num_inference_steps": int(steps), "guidance_scale": 1.0}
+    if steps > 1:
+        kw["sigmas"] = sig
+    if guidance_scale is not None:
+        kw["joint_attention_kwargs"] = {"guidance_scale": float(guidance_scale)}
+    return kw
+
+
+# --------------------------------------------------------------------------------------------------
+# LCM
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LCMConfig(DistillConfig):
+    """Latent consistency distillation settings (diffusers' LCM scripts use lr 1e-6, EMA 0.95, huber)."""
+
+    lr: float = 1e-5
+    """AdamW lr (full weights 1e-6..1e-5; LoRA 1e-4)."""
+    ema_decay: float = 0.95
+    """Decay of the EMA *target network* (0: the student itself under no_grad, as LCM-LoRA)."""
+    num_ddim_timesteps: int = 50
+    """N of the skipping-step DDIM grid (LCMScheduler's original_inference_steps)."""
+    w_min: float = 2.0
+    """Smallest CFG weight w = g - 1 of the teacher (LCM form)."""
+    w_max: float = 8.0
+    """Largest w (diffusers' SD scripts: 5..15 at 512 px; the zoo default g = 5 is w = 4)."""
+    guidance_embed: bool = True
+    """Condition the student on w (time_cond_proj_dim); False folds the sampled w in (LCM-LoRA)."""
+    guidance_embed_dim: int = 256
+    huber_c: float = 0.001
+    """Pseudo-Huber c (0: L2)."""
+    timestep_scaling: float = 10.0
+    """LCM boundary-condition time scaling (LCMScheduler's timestep_scaling)."""
+    sigma_data: float = 0.5
+    eval_steps: int = 4
+    """Sampling steps of the evaluation / the advertised call."""
+    eval_guidance: float | None = None
+    """g of the evaluation for w-conditioned students (default: zoo default, else 1 + mean w)."""
+
+    def check(self) -> None:
+        super().check()
+        if not 0 <= self.w_min <= self.w_max:
+            raise ValueError(f"need 0 <= w_min <= w_max (w = guidance_scale - 1), got {self.w_min}, {self.w_max}")
+        if self.num_ddim_timesteps < 2:
+            raise ValueError("num_ddim_timesteps must be >= 2")
+
+
+def _method_error(method: str, fam, reason: str) -> UnsupportedPipelineError:
+    return UnsupportedPipelineError(f"{method} cannot distil {fam.describe()}: {reason}")
+
+
+class LCMTrainer(DistillTrainer):
+    """LCM consistency distillation of an epsilon/v UNet teacher (see the module docstring)."""
+
+    method = "lcm"
+    cfg: LCMConfig
+
+    def check_family(self) -> None:
+        fam = self.family
+        if isinstance(fam, FlowFamily):
+            raise _method_error("LCM", fam, "it is a flow-matching model (velocity prediction); LCM here needs an "
+                                "epsilon or v-prediction UNet. Use sCM: `python -m distill.consistency --method scm`")
+        if fam.model.config.time_cond_proj_dim is not None:
+            raise _method_error("LCM", fam, "its UNet already has a guidance input (time_cond_proj_dim): "
+                                "the teacher must be a CFG model")
+        T = fam.num_train_timesteps
+        if T % self.cfg.num_ddim_timesteps:
+            raise ValueError(f"num_ddim_timesteps={self.cfg.num_ddim_timesteps} must divide the teacher's "
+                             f"num_train_timesteps={T}")
+
+    def build_student(self) -> torch.nn.Module:
+        import copy
+
+        m = self.teacher_model
+        if self.cfg.guidance_embed:
+            return unet_with_guidance_input(m, self.cfg.guidance_embed_dim)
+        return copy.deepcopy(m)
+
+    def new_layer_prefixes(self) -> tuple[str, ...]:
+        return ("time_embedding.cond_proj",) if self.cfg.guidance_embed else ()
+
+    @property
+    def eval_g(self) -> float:
+        cfg = self.cfg
+        if cfg.eval_guidance is not None:
+            return float(cfg.eval_guidance)
+        if self.zoo_name is not None:
+            from fastgen.zoo import DEFAULTS
+
+            return float(DEFAULTS[self.zoo_name]["guidance_scale"])
+        return 1.0 + 0.5 * (cfg.w_min + cfg.w_max)
+
+    def student_scheduler(self):
+        from diffusers import LCMScheduler
+
+        cfg = {k: v for k, v in dict(self.teacher.scheduler.config).items() if not k.startswith("_")}
+        cfg.update(original_inference_steps=self.cfg.num_ddim_timesteps, timestep_scaling=self.cfg.timestep_scaling,
+                   prediction_type=self.family.prediction_type)
+        return LCMScheduler.from_config(cfg)
+
+    def call_kwargs(self) -> dict[str, Any]:
+        return {"num_inference_steps": self.cfg.eval_steps,
+                "guidance_scale": self.eval_g if self.cfg.guidance_embed else 1.0}
+
+    def f(self, model, x, t, cond, g) -> torch.Tensor:
+        """The consistency function ``c_skip x + c_out x0_hat`` of ``model`` at integer timesteps ``t``."""
+        fam: UNetFamily = self.family  # type: ignore[assignment]
+        pred = fam.predict(model, x, t, cond, guidance=g if self.cfg.guidance_embed else None).float()
+        x0, _ = fam.x0_eps(pred, x, t)
+        c_skip, c_out = lcm_boundary_scalings(t.cpu(), self.cfg.sigma_data, self.cfg.timestep_scaling)
+        sh = (-1, 1, 1, 1)
+        return c_skip.to(x.device).view(sh) * x + c_out.to(x.device).view(sh) * x0
+
+    def loss(self, step: int):
+        cfg, fam = self.cfg, self.family
+        gen = self.generator(step)
+        x0, cond, uncond = self.pool.batch(step, cfg.batch, gen)
+        b = x0.shape[0]
+        k = fam.num_train_timesteps // cfg.num_ddim_timesteps
+        n = torch.randint(0, cfg.num_ddim_timesteps, (b,), generator=gen)
+        t = ((n + 1) * k - 1).to(self.device)
+        s = (t - k).clamp(min=0)
+        w = cfg.w_min + (cfg.w_max - cfg.w_min) * torch.rand(b, generator=gen)
+        g = (1.0 + w).to(self.device)
+        noise = self.randn(x0.shape, gen)
+        sh = (-1, 1, 1, 1)
+        ab_t = fam.ab(t).to(self.device).view(sh)
+        x_t = ab_t.sqrt() * x0 + (1 - ab_t).sqrt() * noise
+        with self.autocast():
+            pred = self.f(self.student, x_t, t, cond, g)
+        with torch.no_grad(), self.autocast():
+            both = fam.predict(self.teacher_model, torch.cat([x_t, x_t]), torch.cat([t, t]),
+                               {kk: torch.cat([uncond[kk], cond[kk]]) for kk in cond}).float()
+            x0_u, e_u = fam.x0_eps(both[:b], x_t, t)
+            x0_c, e_c = fam.x0_eps(both[b:], x_t, t)
+            gv = g.view(sh)
+            x0_g, e_g = x0_u + gv * (x0_c - x0_u), e_u + gv * (e_c - e_u)
+            ab_s = fam.ab(s).to(self.device).view(sh)
+            x_s = ab_s.sqrt() * x0_g + (1 - ab_s).sqrt() * e_g
+            target_model = self.ema if self.ema is not None else self.student
+            target = self.f(target_model, x_s, s, cond, g)
+        return pseudo_huber(pred, target, cfg.huber_c), {}
+
+
+# --------------------------------------------------------------------------------------------------
+# sCM
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SCMConfig(DistillConfig):
+    """Continuous-time consistency distillation (sCM) settings for flow-matching teachers."""
+
+    lr: float = 2e-5
+    """AdamW lr (SANA-Sprint: 2e-6 with CAME at 1.6B; small models tolerate more)."""
+    ema_decay: float = 0.99
+    grad_clip: float = 0.1
+    """SANA-Sprint clips at 0.1."""
+    sigma_data: float = 0.5
+    p_mean: float = 0.2
+    """tau ~ N(p_mean, p_std^2), t = arctan(e^tau / sigma_data) (SANA-Sprint: 0.2, 1.6)."""
+    p_std: float = 1.6
+    t_min: float = 1e-3
+    """Clamp of t away from 0 and pi/2 (radians)."""
+    guidance_scale: float | None = None
+    """Teacher CFG g baked into the student (default: zoo default, else 4.5). Ignored with guidance_embed."""
+    guidance_embed: bool = False
+    """Student takes g as input (GuidanceSD3Transformer2DModel), g ~ U[g_min, g_max] per sample."""
+    g_min: float = 3.0
+    g_max: float = 6.0
+    tangent_warmup: int = 1000
+    """Steps over which the second tangent term is ramped in (SANA-Sprint: 4000)."""
+    tangent_norm_c: float = 0.1
+    """c of the tangent normalisation g / (||g|| + c)."""
+    eval_steps: int = 1
+    """Sampling steps of the evaluation and advertised call (1 or 2; 2 uses t_mid = 1.3)."""
+
+    def check(self) -> None:
+        super().check()
+        if self.sigma_data <= 0 or self.p_std <= 0:
+            raise ValueError("sigma_data and p_std must be > 0")
+        if not 0 < self.t_min < 0.5:
+            raise ValueError("t_min must be in (0, 0.5) radians")
+        if self.guidance_embed and not 1.0 <= self.g_min <= self.g_max:
+            raise ValueError(f"need 1 <= g_min <= g_max, got {self.g_min}, {self.g_max}")
+
+
+class SCMTrainer(DistillTrainer):
+    """sCM of a flow-matching SD3 teacher through the TrigFlow conversion (see the module docstring)."""
+
+    method = "scm"
+    cfg: SCMConfig
+
+    def check_family(self) -> None:
+        fam = self.family
+        if not isinstance(fam, FlowFamily):
+            raise _method_error("sCM", fam, f"it is a {fam.prediction_type}-prediction diffusion UNet, not a "
+                                "flow-matching model; sCM's training-free TrigFlow conversion needs a rectified-flow "
+                                "teacher. Use LCM: `python -m distill.consistency --method lcm`")
+        if isinstance(fam.model, GuidanceSD3Transformer2DModel):
+            raise _method_error("sCM", fam, "the teacher is guidance-distilled already; give the CFG teacher")
+
+    @property
+    def teacher_g(self) -> float:
+        if self.cfg.guidance_scale is not None:
+            return float(self.cfg.guidance_scale)
+        if self.zoo_name is not None:
+            from fastgen.zoo import DEFAULTS
+
+            return float(DEFAULTS[self.zoo_name]["guidance_scale"])
+        return 4.5
+
+    def build_student(self) -> torch.nn.Module:
+        import copy
+
+        if self.cfg.guidance_embed:
+            return sd3_with_guidance_input(self.teacher_model, default_guidance_scale=self.teacher_g)
+        return copy.deepcopy(self.teacher_model)
+
+    def build_aux(self) -> dict[str, torch.nn.Module]:
+        return {"logvar": LogVarHead()}
+
+    def new_layer_prefixes(self) -> tuple[str, ...]:
+        return ("guidance_proj",) if self.cfg.guidance_embed else ()
+
+    def student_scheduler(self):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        T = int(self.teacher.scheduler.config.get("num_train_timesteps", 1000))
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=T, shift=1.0)
+
+    def call_kwargs(self) -> dict[str, Any]:
+        return scm_call_kwargs(self.cfg.eval_steps, guidance_scale=self.teacher_g if self.cfg.guidance_embed else None)
+
+    def eval_settings(self) -> tuple[int, float]:
+        return int(self.cfg.eval_steps), 1.0
+
+    def prepare_eval_pipeline(self, pipe) -> None:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        if self.cfg.guidance_embed:
+            pipe.transformer.default_guidance_scale = self.teacher_g
+        if self.cfg.eval_steps == 2:  # evaluate_pipeline passes no sigmas: a scheduler whose 2-step grid is [1, s_mid]
+            s_mid = float(trigflow_to_flow_time(torch.tensor(SCM_MID_T, dtype=torch.float64)))
+            pipe.scheduler = FlowMatchEulerDiscreteScheduler(
+                num_train_timesteps=pipe.scheduler.config.num_train_timesteps, shift=1.0, shift_terminal=s_mid)
+
+    def trig_F(self, model, x_unit: torch.Tensor, t: torch.Tensor, cond, g: torch.Tensor | None) -> torch.Tensor:
+        """TrigFlow output of a flow ``model`` (student or, with CFG, teacher) at ``(x_t / sd, t)``."""
+        fam: FlowFamily = self.family  # type: ignore[assignment]
+        return flow_to_trigflow(lambda xs, s: fam.predict(model, xs, s, cond, guidance=g), x_unit, t)
+
+    def loss(self, step: int):
+        cfg, fam = self.cfg, self.family
+        sd = cfg.sigma_data
+        gen = self.generator(step)
+        x0, cond, uncond = self.pool.batch(step, cfg.batch, gen)
+        b = x0.shape[0]
+        tau = cfg.p_mean + cfg.p_std * torch.randn(b, generator=gen)
+        t = torch.atan(torch.exp(tau) / sd).clamp(cfg.t_min, math.pi / 2 - cfg.t_min).to(self.device)
+        if cfg.guidance_embed:
+            g = (cfg.g_min + (cfg.g_max - cfg.g_min) * torch.rand(b, generator=gen)).to(self.device)
+        else:
+            g = torch.full((b,), self.teacher_g, device=self.device)
+        z = sd * self.randn(x0.shape, gen)
+        sh = (-1, 1, 1, 1)
+        cos, sin = torch.cos(t).view(sh), torch.sin(t).view(sh)
+        x_t = cos * (sd * x0) + sin * z
+        g_student = g if cfg.guidance_embed else None
+        with torch.no_grad(), self.autocast():
+            v_fn = lambda xs, s: fam.cfg_predict(self.teacher_model, xs, s, cond, uncond, g).float()  # noqa: E731
+            dxdt = sd * flow_to_trigflow(v_fn, x_t / sd, t)
+            v_x, v_t = cos * sin * dxdt / sd, (torch.cos(t) * torch.sin(t))
+            with jvp_attention():
+                F_minus, dF = torch.func.jvp(lambda xu, tt: self.trig_F(self.student, xu, tt, cond, g_student).float(),
+                                             (x_t / sd, t), (v_x, v_t))
+            r = min(1.0, step / max(1, cfg.tangent_warmup))
+            grad = -(cos ** 2) * (sd * F_minus - dxdt) - r * (cos * sin * x_t + sd * dF)
+            norm = grad.flatten(1).norm(dim=1).view(sh)
+            grad = grad / (norm + cfg.tangent_norm_c)
+        with self.autocast():
+            F_theta = self.trig_F(self.student, x_t / sd, t, cond, g_student).float()
+        logvar = self.aux["logvar"](t)
+        weight = 1.0 / (sd * torch.tan(t))
+        per = ((F_theta - F_minus - grad) ** 2).flatten(1).mean(1)
+        loss = (weight * torch.exp(-logvar) * per + logvar).mean()
+        return loss, {"mse": float(per.detach().mean())}
+
+
+# --------------------------------------------------------------------------------------------------
+# API and CLI
+# --------------------------------------------------------------------------------------------------
+
+_METHODS = {"lcm": (LCMConfig, LCMTrainer), "scm": (SCMConfig, SCMTrainer)}
+
+
+def distill_consistency(teacher_pipe, method: str, cfg: DistillConfig | None = None,
+                        out: str | os.PathLike = "runs/consistency", *, zoo_name: str | None = None,
+                        prompts: list[str] | None = None, resume: bool = False, eval_fn=None):
+    """Consistency distillation (``method`` ``"lcm"`` or ``"scm"``) of ``teacher_pipe`` into ``out``
+    (Python API of ``python -m distill.consistency``).
+
+    Returns:
+        ``(student_pipe, call_kwargs)``; the student is also saved to ``out/pipeline``.
+    """
+    if method not in _METHODS:
+        raise ValueError(f"unknown consistency method {method!r}; choose 'lcm' (epsilon/v UNets) or 'scm' (flow models)")
+    cfg_cls, tr_cls = _METHODS[method]
+    cfg = cfg if cfg is not None else cfg_cls()
+    if not isinstance(cfg, cfg_cls):
+        raise TypeError(f"method {method!r} takes a {cfg_cls.__name__}, got {type(cfg).__name__}")
+    tr = tr_cls(teacher_pipe, cfg, out, zoo_name=zoo_name, prompts=prompts, eval_fn=eval_fn)
+    if resume:
+        tr.resume()
+    tr.run()
+    return tr.export_pipeline(), tr.call_kwargs()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m distill.consistency --method lcm|scm --teacher T --output DIR [...]``."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--method", choices=sorted(_METHODS), default=None)
+    known, _ = pre.parse_known_args(argv)
+    method = known.method or "lcm"
+    cfg_cls = _METHODS[method][0]
+    ap = argparse.ArgumentParser(prog="python -m distill.consistency", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--method", choices=sorted(_METHODS), required=True,
+                    help="lcm: epsilon/v UNets (SD, SDXL); scm: flow-matching MMDiTs (SD3)")
+    add_common_args(ap, cfg_cls())
+    args = ap.parse_args(argv)
+    setup_cli_logging(args.threads)
+    check_fresh_or_resume(args.output, args.resume)
+    cfg = config_from_args(cfg_cls, args)
+    pipe, name = load_teacher(args.teacher)
+    family_for(pipe)  # unsupported classes fail before anything is built
+    _, kw = distill_consistency(pipe, method, cfg, args.output, zoo_name=name, resume=args.resume)
+    logger.info("student saved to %s; call it with %s", Path(args.output) / "pipeline", kw)
+    return 0
+
+
+if __name__ == "__main__":
+    from .common import run_cli
+
+    raise SystemExit(run_cli(main))

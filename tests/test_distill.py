@@ -1,0 +1,576 @@
+"""distill: guidance distillation (stage 1 + progressive), LCM, sCM on tiny real diffusers classes (CPU)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill.common import DistillTrainer, step_generator
+from distill.consistency import (
+    LCMConfig,
+    LCMTrainer,
+    SCMConfig,
+    SCMTrainer,
+    flow_to_trigflow,
+    jvp_attention,
+    lcm_boundary_scalings,
+    scm_call_kwargs,
+    trigflow_consistency,
+    trigflow_to_flow_time,
+)
+from distill.guidance import GuidanceConfig, GuidanceTrainer, ProgressiveTrainer, call_kwargs_for
+from distill.models import GuidanceSD3Transformer2DModel, guidance_embedding
+from fastgen.errors import UnsupportedPipelineError
+
+TINY = {
+    "shapes-mmdit": dict(hidden=32, layers=1, heads=2, text_hidden=16, text_layers=1),
+    "shapes-unet": dict(blocks=(32, 32), heads=2, text_hidden=16, text_layers=1),
+}
+#: Small everything: a 4-sample teacher pool drawn with 2 teacher steps, batch 4, no eval, no progress bar.
+FAST = dict(steps=4, batch=4, pool_size=4, pool_steps=2, pool_refresh=1000, progress=False, eval_prompts=0,
+            ckpt_every=0, log_every=0, device="cpu")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _perturb(model: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> None:
+    """Give zero-initialised layers (adaLN-zero, output projections) random values so that an untrained
+    teacher's output, and its conditional/unconditional difference, are not zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().max() == 0:
+                p.copy_(scale * torch.randn(p.shape, generator=g))
+
+
+def _zoo(name: str):
+    from fastgen.zoo.train import build_pipeline
+
+    pipe = build_pipeline(name, TINY[name])
+    model = pipe.transformer if name == "shapes-mmdit" else pipe.unet
+    _perturb(model)
+    with torch.no_grad():  # a stronger text path, so that CFG changes the output clearly
+        for n, p in model.named_parameters():
+            if "attn2.to_v" in n:
+                p.mul_(5.0)
+    if name == "shapes-unet":  # an untrained teacher's 2-step DDIM samples explode; keep the test pool bounded
+        from diffusers import DDIMScheduler
+
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=True, clip_sample_range=2.0)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def unet_teacher():
+    return _zoo("shapes-unet")
+
+
+@pytest.fixture(scope="module")
+def mmdit_teacher():
+    return _zoo("shapes-mmdit")
+
+
+@pytest.fixture
+def teacher(request, unet_teacher, mmdit_teacher):
+    return {"shapes-unet": unet_teacher, "shapes-mmdit": mmdit_teacher}[request.param]
+
+
+def _fixed_batch(tr: DistillTrainer) -> None:
+    """Make every step of ``tr`` draw the random numbers (hence the batch) of step 0."""
+    tr.generator = lambda step, stream=0: step_generator(tr.cfg.seed, 0, stream)
+
+
+def _count_calls(model: torch.nn.Module) -> list[int]:
+    calls = [0]
+    model.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def _inputs(tr: DistillTrainer, b: int = 3):
+    """(x, t, cond) at which to compare models."""
+    fam = tr.family
+    x0, cond, _ = tr.pool.batch(0, b, torch.Generator().manual_seed(1))
+    x = torch.randn(x0.shape, generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([0.9, 0.5, 0.2])[:b] if fam.is_flow else torch.tensor([900, 500, 100])[:b]
+    return x, t, cond
+
+
+# --------------------------------------------------------------------------------------------------
+# Guidance distillation
+# --------------------------------------------------------------------------------------------------
+
+
+def test_guidance_embedding_matches_diffusers_pipelines():
+    from diffusers import StableDiffusionPipeline
+
+    w = torch.tensor([0.0, 0.5, 4.0, 11.0])
+    for dim in (256, 32, 7):
+        ref = StableDiffusionPipeline.get_guidance_scale_embedding(None, w, embedding_dim=dim)
+        assert torch.equal(guidance_embedding(w, dim), ref)
+
+
+@pytest.mark.parametrize("teacher", ["shapes-unet", "shapes-mmdit"], indirect=True)
+def test_guidance_student_at_init_equals_conditional_teacher(teacher, tmp_path):
+    tr = GuidanceTrainer(teacher, GuidanceConfig(**FAST), tmp_path, zoo_name=_name(teacher))
+    x, t, cond = _inputs(tr)
+    with torch.no_grad():
+        ref = tr.family.predict(tr.teacher_model, x, t, cond)
+        for g in (1.0, 3.0, 9.0):
+            out = tr.family.predict(tr.student, x, t, cond, guidance=torch.full((x.shape[0],), g))
+            assert torch.equal(out, ref), g
+        # and the CFG target really differs from the conditional output (the test below is not vacuous)
+        _, _, uncond = tr.pool.batch(0, x.shape[0], torch.Generator().manual_seed(1))
+        cfg = tr.family.cfg_predict(tr.teacher_model, x, t, cond, uncond, torch.full((x.shape[0],), 5.0))
+    assert (cfg - ref).abs().max() > 1e-4
+
+
+def _name(pipe) -> str:
+    return "shapes-mmdit" if hasattr(pipe, "transformer") else "shapes-unet"
+
+
+@pytest.mark.parametrize("teacher", ["shapes-unet", "shapes-mmdit"], indirect=True)
+def test_guidance_training_reduces_loss_on_fixed_batch(teacher, tmp_path):
+    cfg = GuidanceConfig(**{**FAST, "lr": 1e-3, "ema_decay": 0.0})
+    tr = GuidanceTrainer(teacher, cfg, tmp_path, zoo_name=_name(teacher))
+    _fixed_batch(tr)
+    losses = [tr.train_step() for _ in range(6)]
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[0] > 0
+    assert min(losses[-2:]) < 0.7 * losses[0], losses
+
+
+@pytest.mark.parametrize("teacher", ["shapes-unet", "shapes-mmdit"], indirect=True)
+def test_saved_guidance_student_loads_and_calls_denoiser_once_per_step(teacher, tmp_path):
+    import distill  # noqa: F401  (the SD3 student class must be importable: it is, via distill.models)
+    from diffusers import DiffusionPipeline
+
+    cfg = GuidanceConfig(**{**FAST, "steps": 1, "lr": 1e-3, "ema_decay": 0.5})
+    tr = GuidanceTrainer(teacher, cfg, tmp_path, zoo_name=_name(teacher))
+    tr.run(save=True, final_eval=False)
+    path = tmp_path / "pipeline"
+    meta = json.loads((path / "fastgen_zoo.json").read_text())
+    assert meta["distill"]["method"] == "guidance" and meta["model"] == _name(teacher)
+    pipe = DiffusionPipeline.from_pretrained(path)
+    assert type(pipe) is type(teacher)
+    model = pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
+    if hasattr(pipe, "transformer"):
+        assert isinstance(model, GuidanceSD3Transformer2DModel)
+    else:
+        assert model.config.time_cond_proj_dim == cfg.guidance_embed_dim
+    calls = _count_calls(model)
+    kw = call_kwargs_for(pipe, guidance_scale=4.0, num_inference_steps=3)
+    extra = {"max_sequence_length": 2} if hasattr(pipe, "transformer") else {}
+    with torch.no_grad():
+        out = pipe("a red circle", **kw, height=32, width=32, output_type="np", **extra,
+                   generator=torch.Generator().manual_seed(0)).images
+    assert calls[0] == 3
+    assert out.shape == (1, 32, 32, 3) and torch.isfinite(torch.from_numpy(out)).all()
+    # the loaded student is the trained EMA, not the teacher
+    exported = tr.export_model()
+    for (n, a), (_, b) in zip(sorted(exported.state_dict().items()), sorted(model.state_dict().items())):
+        assert torch.equal(a, b), n
+
+
+def test_guidance_sd3_weight_reaches_the_student_through_joint_attention_kwargs(mmdit_teacher, tmp_path):
+    tr = GuidanceTrainer(mmdit_teacher, GuidanceConfig(**FAST), tmp_path, zoo_name="shapes-mmdit")
+    st = tr.student
+    with torch.no_grad():
+        st.guidance_proj.weight.normal_()
+        x, t, cond = _inputs(tr)
+        ts = t * 1000
+        a = st(x, cond["ctx"], cond["pooled"], ts, guidance=3.0).sample
+        b = st(x, cond["ctx"], cond["pooled"], ts, joint_attention_kwargs={"guidance_scale": 3.0}).sample
+        st.default_guidance_scale = 3.0
+        c = st(x, cond["ctx"], cond["pooled"], ts).sample
+        d = st(x, cond["ctx"], cond["pooled"], ts, guidance=7.0).sample
+    assert torch.equal(a, b) and torch.equal(a, c)
+    assert (a - d).abs().max() > 1e-4
+
+
+def test_guidance_sdxl_student_equals_teacher_and_runs_one_call_per_step(tmp_path):
+    from fastgen.testing import tiny_pipeline
+
+    pipe = tiny_pipeline("sdxl")
+    cfg = GuidanceConfig(**{**FAST, "steps": 1, "ema_decay": 0.0, "pool_steps": 1})
+    tr = GuidanceTrainer(pipe, cfg, tmp_path, prompts=["a red circle", "a blue square"])
+    x, t, cond = _inputs(tr, 2)
+    with torch.no_grad():
+        assert torch.equal(tr.family.predict(tr.student, x, t, cond, guidance=torch.tensor([3.0, 6.0])),
+                           tr.family.predict(tr.teacher_model, x, t, cond))
+    tr.train_step()
+    student = tr.export_pipeline()
+    calls = _count_calls(student.unet)
+    with torch.no_grad():
+        student("a red circle", num_inference_steps=2, guidance_scale=5.0, height=32, width=32, output_type="latent")
+    assert calls[0] == 2
+
+
+@pytest.mark.parametrize("teacher", ["shapes-unet", "shapes-mmdit"], indirect=True)
+def test_progressive_round_target_is_two_teacher_steps_in_one(teacher, tmp_path):
+    """One student step (with the saved scheduler) from z_t using the target lands on the round teacher's
+    two-step result, and a round reduces its loss on a fixed batch and saves an N-step pipeline."""
+    from diffusers import DDIMScheduler
+
+    gcfg = GuidanceConfig(**FAST)
+    stage1 = GuidanceTrainer(teacher, gcfg, tmp_path / "s1", zoo_name=_name(teacher))
+    with torch.no_grad():  # a stage-1 student that actually uses w
+        _perturb_new(stage1.student)
+    cfg = GuidanceConfig(**{**FAST, "lr": 1e-4, "ema_decay": 0.0})
+    pt = ProgressiveTrainer(teacher, cfg, tmp_path / "r1", round_teacher=stage1.export_model(), student_steps=2,
+                            zoo_name=_name(teacher))
+    ex = pt.targets(0)
+    if pt.family.is_flow:
+        sh = (-1, 1, 1, 1)
+        landed = ex["z_t"] + (ex["p"] - ex["t"]).view(sh) * ex["target"]
+        sched = pt.student_scheduler()
+        sched.set_timesteps(2)
+        assert set(ex["t"].tolist()) <= set(sched.sigmas[:-1].tolist())
+    else:
+        sched = pt.student_scheduler()
+        assert isinstance(sched, DDIMScheduler)
+        sched.set_timesteps(2)
+        landed = torch.stack([sched.step(ex["target"][i:i + 1], int(ex["t"][i]), ex["z_t"][i:i + 1]).prev_sample[0]
+                              for i in range(ex["z_t"].shape[0])])
+    torch.testing.assert_close(landed, ex["z_p"], atol=2e-4, rtol=1e-4)
+    _fixed_batch(pt)
+    losses = [pt.train_step() for _ in range(6)]
+    assert min(losses[-2:]) < 0.7 * losses[0], losses
+    pipe = pt.export_pipeline()
+    assert pt.call_kwargs()["num_inference_steps"] == 2
+    calls = _count_calls(pipe.transformer if pt.family.is_flow else pipe.unet)
+    with torch.no_grad():
+        pipe("a red circle", **pt.call_kwargs(), height=32, width=32, output_type="latent",
+             **({"max_sequence_length": 2} if pt.family.is_flow else {}))
+    assert calls[0] == 2
+
+
+def _perturb_new(model):
+    g = torch.Generator().manual_seed(3)
+    for n, p in model.named_parameters():
+        if "cond_proj" in n or "guidance_proj" in n:
+            p.copy_(0.05 * torch.randn(p.shape, generator=g))
+
+
+# --------------------------------------------------------------------------------------------------
+# LCM
+# --------------------------------------------------------------------------------------------------
+
+
+def test_lcm_boundary_condition_matches_lcm_scheduler():
+    from diffusers import LCMScheduler
+
+    t = torch.tensor([0, 19, 39, 499, 999])
+    c_skip, c_out = lcm_boundary_scalings(t)
+    assert c_skip[0] == 1.0 and c_out[0] == 0.0  # f(x, 0) = x
+    sched = LCMScheduler()
+    for i, ti in enumerate(t.tolist()):
+        a, b = sched.get_scalings_for_boundary_condition_discrete(ti)
+        assert abs(float(a) - float(c_skip[i])) < 1e-6 and abs(float(b) - float(c_out[i])) < 1e-6
+
+
+def test_lcm_student_is_identity_at_t0(unet_teacher, tmp_path):
+    tr = LCMTrainer(unet_teacher, LCMConfig(**FAST), tmp_path, zoo_name="shapes-unet")
+    x, _, cond = _inputs(tr)
+    with torch.no_grad():
+        f0 = tr.f(tr.student, x, torch.zeros(3, dtype=torch.long), cond, torch.full((3,), 3.0))
+    torch.testing.assert_close(f0, x, atol=0, rtol=0)
+
+
+def test_lcm_steps_finite_and_decreasing_on_fixed_batch(unet_teacher, tmp_path):
+    cfg = LCMConfig(**{**FAST, "lr": 3e-4, "ema_decay": 0.95})
+    tr = LCMTrainer(unet_teacher, cfg, tmp_path, zoo_name="shapes-unet")
+    _fixed_batch(tr)
+    losses = [tr.train_step() for _ in range(6)]
+    assert all(math.isfinite(v) for v in losses) and losses[0] > 0
+    assert min(losses[-2:]) < 0.7 * losses[0], losses
+
+
+def test_lcm_saved_with_lcm_scheduler_runs_four_steps_one_call_each(unet_teacher, tmp_path):
+    from diffusers import DiffusionPipeline, LCMScheduler
+
+    cfg = LCMConfig(**{**FAST, "steps": 1})
+    tr = LCMTrainer(unet_teacher, cfg, tmp_path, zoo_name="shapes-unet")
+    tr.run(final_eval=False)
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "pipeline")
+    assert isinstance(pipe.scheduler, LCMScheduler)
+    assert pipe.scheduler.config.original_inference_steps == cfg.num_ddim_timesteps
+    calls = _count_calls(pipe.unet)
+    kw = tr.call_kwargs()
+    assert kw == {"num_inference_steps": 4, "guidance_scale": 5.0}
+    with torch.no_grad():
+        img = pipe("a red circle", **kw, height=32, width=32, output_type="np").images
+    assert calls[0] == 4 and torch.isfinite(torch.from_numpy(img)).all()
+
+
+def test_lcm_lora_trains_only_adapters_and_exports_fused_and_lora(unet_teacher, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    cfg = LCMConfig(**{**FAST, "steps": 2, "lora_rank": 4, "lr": 1e-3, "ema_decay": 0.0, "guidance_embed": False})
+    tr = LCMTrainer(unet_teacher, cfg, tmp_path, zoo_name="shapes-unet")
+    names = [n for n, p in tr.student.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n for n in names)
+    tr.run(final_eval=False)
+    assert tr.call_kwargs()["guidance_scale"] == 1.0
+    x, t, cond = _inputs(tr)
+    fused = tr.export_model()
+    assert not any("lora" in n for n, _ in fused.named_parameters())
+    with torch.no_grad():
+        want = tr.family.predict(tr.student.eval(), x, t, cond)
+        torch.testing.assert_close(tr.family.predict(fused, x, t, cond), want, atol=1e-5, rtol=1e-4)
+        # the LoRA alone loads on the teacher with diffusers' load_lora_weights
+        lora_pipe = DiffusionPipeline.from_pretrained(tmp_path / "pipeline")
+        base = copy.deepcopy(unet_teacher.unet)
+        lora_pipe.unet = base
+        lora_pipe.load_lora_weights(str(tmp_path / "lora"))
+        torch.testing.assert_close(tr.family.predict(lora_pipe.unet, x, t, cond), want, atol=1e-5, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------
+# sCM
+# --------------------------------------------------------------------------------------------------
+
+
+def test_flow_to_trigflow_conversion_is_exact():
+    """With the exact velocity v = eps - x0 the converted output is TrigFlow's cos(t) eps - sin(t) x0."""
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(4, 3, 5, 5, generator=g, dtype=torch.float64), torch.randn(4, 3, 5, 5, generator=g,
+                                                                                      dtype=torch.float64)
+    t = torch.tensor([1e-3, 0.4, 1.0, 1.5], dtype=torch.float64)
+    sh = (-1, 1, 1, 1)
+    x_unit = torch.cos(t).view(sh) * x0 + torch.sin(t).view(sh) * eps  # x_t / sigma_data
+
+    def v_fn(x_s, s):
+        torch.testing.assert_close(x_s, (1 - s.view(sh)) * x0 + s.view(sh) * eps)  # the flow state
+        return eps - x0
+
+    F_out = flow_to_trigflow(v_fn, x_unit, t)
+    torch.testing.assert_close(F_out, torch.cos(t).view(sh) * eps - torch.sin(t).view(sh) * x0, atol=1e-12, rtol=0)
+    # the consistency function is the flow x0 prediction, and the identity at t = 0
+    sd = 0.5
+    torch.testing.assert_close(trigflow_consistency(sd * x_unit, t, F_out, sd), sd * x0, atol=1e-12, rtol=0)
+    z = torch.randn(2, 3, 4, 4, generator=g)
+    assert torch.equal(trigflow_consistency(z, torch.zeros(2), torch.randn_like(z)), z)
+    assert float(trigflow_to_flow_time(torch.tensor(0.0))) == 0.0
+    assert abs(float(trigflow_to_flow_time(torch.tensor(math.pi / 2))) - 1.0) < 1e-6
+
+
+def test_scm_jvp_matches_finite_differences(mmdit_teacher, tmp_path):
+    tr = SCMTrainer(mmdit_teacher, SCMConfig(**FAST), tmp_path, zoo_name="shapes-mmdit")
+    model = copy.deepcopy(tr.student).double()
+    x, _, cond = _inputs(tr, 2)
+    cond = {k: v.double() for k, v in cond.items()}
+    x = x.double()
+    t = torch.tensor([0.7, 1.2], dtype=torch.float64)
+    g = torch.Generator().manual_seed(5)
+    vx, vt = torch.randn(x.shape, generator=g, dtype=torch.float64), torch.tensor([0.3, -0.2], dtype=torch.float64)
+    fn = lambda xu, tt: tr.trig_F(model, xu, tt, cond, None)  # noqa: E731
+    with torch.no_grad(), jvp_attention():
+        y, dy = torch.func.jvp(fn, (x, t), (vx, vt))
+        h = 1e-4  # (the time embedding runs in float32 inside diffusers: not smaller)
+        fd = (fn(x + h * vx, t + h * vt) - fn(x - h * vx, t - h * vt)) / (2 * h)
+    torch.testing.assert_close(y, fn(x, t))
+    assert dy.abs().max() > 1e-3
+    torch.testing.assert_close(dy, fd, atol=2e-3 * float(dy.abs().max()), rtol=0)
+
+
+def test_scm_steps_finite_and_decreasing_on_fixed_batch(mmdit_teacher, tmp_path):
+    cfg = SCMConfig(**{**FAST, "lr": 1e-3, "tangent_warmup": 1, "grad_clip": 1.0})
+    tr = SCMTrainer(mmdit_teacher, cfg, tmp_path, zoo_name="shapes-mmdit")
+    _fixed_batch(tr)
+    losses = [tr.train_step() for _ in range(5)]
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < losses[0], losses
+    mse = [h["mse"] for h in tr.history]
+    assert all(math.isfinite(v) and v > 0 for v in mse)
+
+
+def test_scm_student_samples_in_one_and_two_steps(mmdit_teacher, tmp_path):
+    from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+
+    cfg = SCMConfig(**{**FAST, "steps": 2, "eval_every": 1, "eval_prompts": 3, "eval_steps": 2})
+    tr = SCMTrainer(mmdit_teacher, cfg, tmp_path, zoo_name="shapes-mmdit")
+    tr.run()  # evaluates with fastgen.zoo.train.evaluate_pipeline at step 1 and at the end
+    assert [e["step"] for e in tr.evals] == [1, 2] and tr.evals[-1]["n"] == 3 and tr.evals[-1]["steps"] == 2
+    rows = [json.loads(r) for r in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert sum("eval" in r for r in rows) == 2
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "pipeline")
+    assert pipe.scheduler.config.shift_terminal is None  # the evaluation's scheduler is not what is saved
+    assert type(pipe.transformer).__name__ == "SD3Transformer2DModel"
+    assert isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler)
+    calls = _count_calls(pipe.transformer)
+    seen = []
+    pipe.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(float(kw["timestep"][0])), with_kwargs=True)
+    for steps in (1, 2):
+        calls[0] = 0
+        with torch.no_grad():
+            pipe("a red circle", **scm_call_kwargs(steps), height=32, width=32, output_type="latent",
+                 max_sequence_length=2)
+        assert calls[0] == steps
+    assert seen[0] == 1000.0 and abs(seen[2] - 1000.0 * 0.78266) < 0.1  # s = 1, then s_mid (t = 1.3)
+    # evaluation's 2-step scheduler (no sigmas argument) hits the same grid
+    tr.cfg.eval_steps = 2
+    tr.prepare_eval_pipeline(pipe)
+    pipe.scheduler.set_timesteps(2)
+    torch.testing.assert_close(pipe.scheduler.sigmas, torch.tensor([1.0, 0.78266, 0.0]), atol=1e-4, rtol=0)
+
+
+def test_teacher_pool_is_deterministic_and_independent_of_chunking(mmdit_teacher, tmp_path):
+    a = GuidanceTrainer(mmdit_teacher, GuidanceConfig(**{**FAST, "pool_batch": 4}), tmp_path, zoo_name="shapes-mmdit")
+    b = GuidanceTrainer(mmdit_teacher, GuidanceConfig(**{**FAST, "pool_batch": 3}), tmp_path, zoo_name="shapes-mmdit")
+    (xa, ca, ua, pa), (xb, cb, ub, pb) = a.pool.pool(0), b.pool.pool(0)
+    assert pa == pb and len(pa) == 4
+    torch.testing.assert_close(xa, xb, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ca["pooled"], cb["pooled"], atol=1e-6, rtol=1e-6)
+    assert a.pool.pool(1)[3] != pa  # the next pool has new prompts
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints: kill and resume
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["guidance", "lcm", "scm"])
+def test_kill_resume_gives_identical_loss_curve(method, unet_teacher, mmdit_teacher, tmp_path):
+    make = {
+        "guidance": lambda out: GuidanceTrainer(unet_teacher, GuidanceConfig(**{**FAST, "lr": 1e-3, "pool_refresh": 2}),
+                                                out, zoo_name="shapes-unet"),
+        "lcm": lambda out: LCMTrainer(unet_teacher, LCMConfig(**{**FAST, "lr": 1e-4, "pool_refresh": 2}), out,
+                                      zoo_name="shapes-unet"),
+        "scm": lambda out: SCMTrainer(mmdit_teacher, SCMConfig(**{**FAST, "lr": 1e-3, "pool_refresh": 2,
+                                                                  "tangent_warmup": 3}), out, zoo_name="shapes-mmdit"),
+    }[method]
+    straight = make(tmp_path / "a")
+    straight.run(steps=4, save=False, final_eval=False)
+    first = make(tmp_path / "b")
+    first.run(steps=2, save=False, final_eval=False)  # writes checkpoint.pt at the end; the process "dies"
+    del first
+    second = make(tmp_path / "b")
+    assert second.resume() and second.step == 2
+    second.run(steps=4, save=False, final_eval=False)
+    assert [h["loss"] for h in second.history] == [h["loss"] for h in straight.history]
+    for (n, a), (_, b) in zip(sorted(second.student.state_dict().items()), sorted(straight.student.state_dict().items())):
+        assert torch.equal(a, b), n
+
+
+def test_resume_refuses_changed_settings(unet_teacher, tmp_path):
+    tr = GuidanceTrainer(unet_teacher, GuidanceConfig(**{**FAST, "steps": 1}), tmp_path, zoo_name="shapes-unet")
+    tr.run(save=False, final_eval=False)
+    other = GuidanceTrainer(unet_teacher, GuidanceConfig(**{**FAST, "lr": 0.5}), tmp_path, zoo_name="shapes-unet")
+    with pytest.raises(ValueError, match="lr"):
+        other.resume()
+
+
+def test_checkpoint_write_is_atomic(unet_teacher, tmp_path, monkeypatch):
+    tr = GuidanceTrainer(unet_teacher, GuidanceConfig(**{**FAST, "steps": 1}), tmp_path, zoo_name="shapes-unet")
+    tr.run(save=False, final_eval=False)
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(KeyboardInterrupt):
+        tr.save_checkpoint()
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+
+
+# --------------------------------------------------------------------------------------------------
+# Options, errors, CLI
+# --------------------------------------------------------------------------------------------------
+
+
+def test_bf16_and_gradient_checkpointing_steps_run(unet_teacher, tmp_path):
+    cfg = GuidanceConfig(**{**FAST, "mixed_precision": "bf16", "gradient_checkpointing": True})
+    tr = GuidanceTrainer(unet_teacher, cfg, tmp_path, zoo_name="shapes-unet")
+    assert tr.student.is_gradient_checkpointing
+    assert math.isfinite(tr.train_step())
+
+
+def test_scm_on_epsilon_unet_says_use_lcm(unet_teacher, tmp_path):
+    with pytest.raises(UnsupportedPipelineError, match=r"StableDiffusionPipeline \(UNet2DConditionModel\).*LCM"):
+        SCMTrainer(unet_teacher, SCMConfig(**FAST), tmp_path, zoo_name="shapes-unet")
+
+
+def test_lcm_on_flow_model_says_use_scm(mmdit_teacher, tmp_path):
+    with pytest.raises(UnsupportedPipelineError, match=r"StableDiffusion3Pipeline \(SD3Transformer2DModel\).*sCM"):
+        LCMTrainer(mmdit_teacher, LCMConfig(**FAST), tmp_path, zoo_name="shapes-mmdit")
+
+
+def test_unsupported_pipeline_class_is_named(tmp_path):
+    from fastgen.testing import tiny_pipeline
+
+    pipe = tiny_pipeline("pixart")
+    with pytest.raises(UnsupportedPipelineError, match="PixArtSigmaPipeline.*StableDiffusionPipeline"):
+        GuidanceTrainer(pipe, GuidanceConfig(**FAST), tmp_path, prompts=["a red circle"])
+
+
+def test_non_zoo_teacher_needs_prompts(tmp_path):
+    from fastgen.testing import tiny_pipeline
+
+    with pytest.raises(ValueError, match="--prompts"):
+        GuidanceTrainer(tiny_pipeline("sd"), GuidanceConfig(**FAST), tmp_path)
+
+
+def test_guidance_teacher_must_use_cfg(tmp_path):
+    from fastgen.testing import tiny_pipeline
+
+    pipe = tiny_pipeline("sd", unet={"time_cond_proj_dim": 32})
+    with pytest.raises(ValueError, match="guidance-distilled already"):
+        GuidanceTrainer(pipe, GuidanceConfig(**FAST), tmp_path, prompts=["a"])
+
+
+def test_cli_guidance_and_scm_on_a_saved_teacher_folder(unet_teacher, mmdit_teacher, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from distill import consistency, guidance
+    from fastgen.zoo.train import save_pipeline
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n\na blue square left of a green triangle\n")
+    common = ["--steps", "2", "--batch", "2", "--pool-size", "2", "--pool-steps", "1", "--eval-prompts", "0",
+              "--no-progress", "--prompts", str(prompts), "--threads", "1"]
+    unet_dir = save_pipeline(unet_teacher, tmp_path / "unet_teacher")
+    assert guidance.main(["--teacher", str(unet_dir), "--output", str(tmp_path / "gd"), *common,
+                          "--progressive-rounds", "1", "--progressive-start-steps", "4",
+                          "--progressive-steps-per-round", "1"]) == 0
+    student = DiffusionPipeline.from_pretrained(tmp_path / "gd" / "student")  # stage 1 + one halving round
+    assert student.unet.config.time_cond_proj_dim == 256
+    meta = json.loads((tmp_path / "gd" / "student" / "fastgen_zoo.json").read_text())["distill"]
+    assert meta["method"] == "progressive" and meta["call_kwargs"]["num_inference_steps"] == 2
+    assert (tmp_path / "gd" / "round1" / "checkpoint.pt").exists()
+    with pytest.raises(SystemExit, match="--resume"):
+        guidance.main(["--teacher", str(unet_dir), "--output", str(tmp_path / "gd"), *common])
+    assert guidance.main(["--teacher", str(unet_dir), "--output", str(tmp_path / "gd"), *common, "--resume",
+                          "--steps", "3"]) == 0
+    assert torch.load(tmp_path / "gd" / "checkpoint.pt", weights_only=False)["step"] == 3
+    sd3_dir = save_pipeline(mmdit_teacher, tmp_path / "sd3_teacher")
+    assert consistency.main(["--method", "scm", "--teacher", str(sd3_dir), "--output", str(tmp_path / "scm"),
+                             *common, "--max-sequence-length", "2"]) == 0
+    assert (tmp_path / "scm" / "pipeline" / "model_index.json").exists()
+    with pytest.raises(UnsupportedPipelineError, match="sCM"):
+        consistency.main(["--method", "lcm", "--teacher", str(sd3_dir), "--output", str(tmp_path / "x"), *common])
+
+
+@pytest.mark.gpu
+def test_every_method_runs_on_cuda_in_bf16(tmp_path):
+    """CUDA + bf16 autocast: a few steps of each method, finite losses, and the sCM JVP under math SDPA."""
+    gpu = {**FAST, "device": "cuda", "mixed_precision": "bf16", "steps": 2}
+    unet, mmdit = _zoo("shapes-unet"), _zoo("shapes-mmdit")
+    runs = [GuidanceTrainer(unet, GuidanceConfig(**gpu), tmp_path / "g", zoo_name="shapes-unet"),
+            LCMTrainer(unet, LCMConfig(**gpu), tmp_path / "l", zoo_name="shapes-unet"),
+            SCMTrainer(mmdit, SCMConfig(**gpu), tmp_path / "s", zoo_name="shapes-mmdit")]
+    for tr in runs:
+        assert tr.device.type == "cuda"
+        tr.run(final_eval=False)
+        assert all(math.isfinite(h["loss"]) for h in tr.history)
