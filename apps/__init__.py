@@ -1,1 +1,1 @@
-"""apps: the Gradio comparison app (extra ``app``; in progress, issue 10)."""
+"""apps: the Gradio comparison app (extra ``app``): ``fastgen app`` or ``python -m apps.app``; see :mod:`apps.app`."""

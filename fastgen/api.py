@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .adapters import get_adapter
-from .errors import RecipeError, UnsupportedPipelineError
+from .errors import IncompatibleTechniquesError, RecipeError, UnsupportedPipelineError
 from .hooks import get_state
 from .registry import Technique, parse_recipe, recipe_string, technique_for_config
 from .utils.logging import get_logger
@@ -63,6 +63,7 @@ def accelerate(pipe, *configs_or_recipes: Any):
         plan.append((tech, cfg))
     st = get_state(pipe)
     before = dict(st.applied) if st is not None else {}
+    _check_compatible([t.name for t, _ in plan], [n for n in before if n not in names])
     done: list[Technique] = []
     try:
         for tech, cfg in plan:
@@ -76,6 +77,22 @@ def accelerate(pipe, *configs_or_recipes: Any):
         raise
     logger.info("accelerate %s: %s", type(pipe).__name__, recipe_string(configs))
     return pipe
+
+
+def _check_compatible(new: list[str], applied: list[str]) -> None:
+    """Raise IncompatibleTechniquesError for a declared incompatible pair among ``new`` + ``applied``."""
+    from .registry import get_technique
+
+    everything = list(new) + list(applied)
+    for i, a in enumerate(new):
+        for b in everything:
+            if b == a or (b in new and new.index(b) < i):
+                continue
+            ta, tb = get_technique(a), get_technique(b)
+            reason = (ta.incompatible or {}).get(b) or (tb.incompatible or {}).get(a)
+            if reason:
+                where = "already applied" if b in applied else "in the same recipe"
+                raise IncompatibleTechniquesError(f"{a} and {b} ({where}) cannot stack: {reason}")
 
 
 def remove(pipe, *names: str):

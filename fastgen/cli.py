@@ -216,20 +216,19 @@ def cmd_tune(args) -> int:
     if args.target == "cuda" and not torch.cuda.is_available():
         raise FastgenError("--target cuda was asked for but torch sees no CUDA GPU; use --target cpu")
     args.device = args.target or args.device
-    config = TuneConfig(max_trials=args.max_trials, screen_prompts=args.screen_prompts, confirm_top=args.confirm_top,
+    screen_prompts = args.screen_prompts or (4 if zoo_model else 2)  # zoo scores move in steps of 1/prompts
+    config = TuneConfig(max_trials=args.max_trials, screen_prompts=screen_prompts, confirm_top=args.confirm_top,
                         confirm_prompts=args.prompts_n, confirm_repeats=args.repeats, combos=not args.no_combos,
                         extra=tuple(args.candidate or ()))
     settings = _settings(args)
     pipe = _load(args)
-    progress = None
-    if not args.no_progress:
-        def progress(frac: float, what: str) -> None:
-            sys.stderr.write(f"\r{what} [{frac:4.0%}]")
-            if frac >= 1.0:
-                sys.stderr.write("\n")
+    def progress(frac: float, what: str) -> None:
+        sys.stderr.write(f"\r{what} [{frac:4.0%}]")
+        if frac >= 1.0:
+            sys.stderr.write("\n")
 
     res = tune(pipe, settings, budget, config=config, model_name=args.model,
-               quality_fn=_zoo_quality_fn if zoo_model else None, progress=progress)
+               quality_fn=_zoo_quality_fn if zoo_model else None, progress=None if args.no_progress else progress)
     sys.stdout.write(format_result(res))
     if args.json:
         res.write_json(args.json)
@@ -304,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "'psnr>=30' (default for other models), 'ssim>=0.9'")
     p.add_argument("--json", help="write {best, front, trials} as JSON here")
     p.add_argument("--max-trials", type=int, default=24, help="candidate recipes screened (default 24)")
-    p.add_argument("--screen-prompts", type=int, default=2, help="prompts per candidate when screening (default 2)")
+    p.add_argument("--screen-prompts", type=int, default=None,
+                   help="prompts per candidate when screening (default: 4 on zoo models, else 2)")
     p.add_argument("--confirm-top", type=int, default=3, help="screened candidates confirmed on --prompts-n prompts")
     p.add_argument("--candidate", action="append", help="extra recipe to screen beside the grid (repeatable)")
     p.add_argument("--no-combos", action="store_true", help="screen single techniques only")

@@ -26,7 +26,7 @@ __all__ = ["Technique", "register_technique", "get_technique", "list_techniques"
            "technique_for_config", "recipe_string", "PLUGIN_MODULES"]
 
 #: Modules that register techniques when imported (later capabilities add theirs here).
-PLUGIN_MODULES: list[str] = ["fastgen.steps", "samplers", "fastgen.caches.tome", "fastgen.caches.stepcache", "fastgen.caches.anchors", "fastgen.caches.ras"]
+PLUGIN_MODULES: list[str] = ["fastgen.steps", "samplers", "fastgen.caches.tome", "fastgen.caches.stepcache", "fastgen.caches.anchors", "fastgen.caches.ras", "quant.recipe"]
 
 _BASELINE = {"", "baseline", "none"}
 # '+' joins techniques only where a technique name follows ("dpm++2m" keeps its pluses)
@@ -49,6 +49,8 @@ class Technique:
         summary: optional ``summary(pipe) -> dict`` of what it did on the last call.
         help: one line for ``fastgen info`` and error messages.
         example: an example recipe string.
+        incompatible: ``{other technique name: reason}`` pairs that cannot stack (checked both ways, against
+            what is applied and within one ``accelerate`` call, before anything is patched).
     """
 
     name: str
@@ -62,6 +64,7 @@ class Technique:
     summary: Callable[[Any], dict] | None = None
     help: str = ""
     example: str = ""
+    incompatible: dict[str, str] | None = None
 
 
 _REGISTRY: dict[str, Technique] = {}

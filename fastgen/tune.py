@@ -37,7 +37,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -180,14 +180,22 @@ def _techniques_of(recipe: str) -> list[str]:
 
 
 def _applicable(pipe, recipe: str) -> str | None:
-    """None when ``recipe`` applies to ``pipe``; else the reason. ``pipe`` is left unpatched."""
-    try:
-        accelerate(pipe, recipe)
-    except (UnsupportedPipelineError, IncompatibleTechniquesError, RecipeError, ValueError, TypeError,
-            NotImplementedError) as e:
-        return f"{type(e).__name__}: {e}"
-    finally:
-        remove(pipe)
+    """None when ``recipe`` applies to ``pipe``; else the reason. ``pipe`` is left unpatched.
+
+    A combination is also applied one technique per call in both orders: some pairwise checks (RAS vs
+    ToMe) only see techniques that are already applied, so one ``accelerate`` call with both passes them.
+    """
+    configs = parse_recipe(recipe)
+    orders = [[configs]] + ([[[c] for c in configs], [[c] for c in reversed(configs)]] if len(configs) > 1 else [])
+    for order in orders:
+        try:
+            for part in order:
+                accelerate(pipe, *part)
+        except (UnsupportedPipelineError, IncompatibleTechniquesError, RecipeError, ValueError, TypeError,
+                NotImplementedError) as e:
+            return f"{type(e).__name__}: {e}"
+        finally:
+            remove(pipe)
     return None
 
 
@@ -232,7 +240,13 @@ def candidate_space(pipe, steps: int, *, step_fractions: Sequence[float] = (0.5,
     out = _round_robin(groups)
     for r in extra:
         norm = recipe_string(parse_recipe(r))  # a bad extra recipe is the user's error: raise
-        if norm in seen or norm == "baseline":
+        if norm == "baseline":
+            continue
+        if norm in out:  # already in the grid: screen it first
+            out.remove(norm)
+            out.insert(0, norm)
+            continue
+        if norm in seen:  # in the grid but not applicable here
             continue
         seen.add(norm)
         why = _applicable(pipe, norm)
@@ -294,6 +308,9 @@ class TuneConfig:
         batch: recipes benchmarked in one runner call (each call re-measures the baseline beside them;
             a failing recipe costs its batch a retry one by one). Default 8.
         extra: more recipes to screen beside the grid (e.g. a distilled model's ``qalora:...``).
+        screen_slack: for ``score`` budgets, a screened candidate within one image's worth of the floor
+            (``1 / images screened``) still goes on to confirmation, since a score on 2-4 prompts moves in
+            coarse steps (default True). The confirmed numbers alone decide the best recipe.
     """
 
     max_trials: int = 24
@@ -306,6 +323,7 @@ class TuneConfig:
     step_fractions: tuple[float, ...] = (0.5, 0.34, 0.25)
     batch: int = 8
     extra: tuple[str, ...] = ()
+    screen_slack: bool = True
 
     def __post_init__(self):
         for name, lo in (("max_trials", 1), ("screen_prompts", 1), ("screen_repeats", 1), ("confirm_top", 0),
@@ -484,9 +502,19 @@ def tune(
         trials = _baseline_only(pipe, screen_s, model_name, quality_fn, b) + trials
     base_screen = trials[0]
     screened = trials[1:]
+
+    def promising(t: dict) -> bool:  # screening verdict: the budget, with slack for coarse scores
+        if (t.get("speedup") or 0) <= 1.0 or t.get("error"):
+            return False
+        if t.get("meets_budget"):
+            return True
+        if b.metric == "score" and cfg.screen_slack and t.get("score") is not None:
+            return t["score"] >= b.floor(base_screen) - 1.0 / max(1, t.get("n_images") or 1) - 1e-9
+        return False
+
     if cfg.combos:
         room = cfg.max_trials - len(singles)
-        passed = [t for t in screened if t.get("meets_budget") and (t.get("speedup") or 0) > 1.0]
+        passed = [t for t in screened if promising(t)]
         if room > 0 and len(passed) >= 2:
             combos = combinations(pipe, passed, limit=room)
             if combos:
@@ -494,8 +522,7 @@ def tune(
                 more = runner.run(combos, screen_s, "screen", cfg.batch, lambda n: on_done(n, "combinations"))
                 screened += [t for t in more if t["recipe"] != "baseline"]
     trials = [base_screen] + screened
-    ranked = sorted((t for t in screened if t.get("meets_budget") and (t.get("speedup") or 0) > 1.0),
-                    key=lambda t: -t["speedup"])
+    ranked = sorted((t for t in screened if promising(t)), key=lambda t: -t["speedup"])
     final: dict[str, dict] = {t["recipe"]: t for t in trials}
     if cfg.confirm_top and ranked:
         top = [t["recipe"] for t in ranked[:cfg.confirm_top]]
@@ -505,7 +532,7 @@ def tune(
         final.update({t["recipe"]: t for t in confirmed})
         pool = [t for t in confirmed if t["recipe"] != "baseline"]
     else:
-        pool = ranked
+        pool = [t for t in ranked if t.get("meets_budget")]
     base = final["baseline"]
     winners = sorted((t for t in pool if t.get("meets_budget") and (t.get("speedup") or 0) > 1.0),
                      key=lambda t: -t["speedup"])

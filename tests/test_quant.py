@@ -4,6 +4,7 @@ resume), the PTQ baseline, merge and the integer safetensors format. Tiny real d
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -476,3 +477,21 @@ def test_cli_tiny_run_and_resume(tmp_path):
         main(args)
     assert main(args + ["--resume"]) == 0
     assert json.loads((out / "report.json").read_text())["steps"] == 2
+
+
+def test_qalora_recipe_through_fastgen_accelerate():
+    """"qalora:w8a8" is a fastgen recipe: calibrates data-free, quantizes, summary shows it, remove is bit-exact."""
+    import fastgen
+    from fastgen.testing import default_call_kwargs, tiny_pipeline
+
+    pipe = tiny_pipeline("sd3")
+    kw = default_call_kwargs(pipe, steps=3)
+    ref = pipe(**kw, output_type="np").images
+    fastgen.accelerate(pipe, "qalora:w8a8")
+    assert fastgen.summary(pipe)["recipe"] == "qalora:w8a8"
+    out = pipe(**default_call_kwargs(pipe, steps=3), output_type="np").images
+    assert 0 < np.abs(out - ref).max() < 0.1
+    fastgen.accelerate(pipe, "qalora:w4a8")  # applying again replaces it
+    assert fastgen.summary(pipe)["recipe"] == "qalora:w4a8"
+    fastgen.remove(pipe)
+    np.testing.assert_array_equal(pipe(**default_call_kwargs(pipe, steps=3), output_type="np").images, ref)

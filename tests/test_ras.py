@@ -242,3 +242,19 @@ def test_apply_twice_replaces_and_calls_start_clean():
     assert rec["dense_steps"] == [0] and rec["token_fraction"] < 0.5
     remove_ras(pipe)
     np.testing.assert_array_equal(_run(pipe, "sd3"), ref)
+
+
+def test_ras_and_tome_in_one_recipe_are_refused_before_patching():
+    import fastgen
+    from fastgen.errors import IncompatibleTechniquesError
+
+    pipe = tiny_pipeline("sd3")
+    for recipe in ("ras:0.5+tome:0.5", "tome:0.5+ras:0.5"):
+        with pytest.raises(IncompatibleTechniquesError, match="same recipe"):
+            fastgen.accelerate(pipe, recipe)
+        assert fastgen.summary(pipe)["recipe"] == "baseline"
+    fastgen.accelerate(pipe, "tome:0.5")
+    with pytest.raises(IncompatibleTechniquesError, match="already applied|apply only one"):
+        fastgen.accelerate(pipe, "ras:0.5")
+    assert fastgen.summary(pipe)["recipe"] == "tome:0.5"
+    fastgen.remove(pipe)

@@ -275,3 +275,22 @@ def test_shipped_weights_score(name):
     torch.set_num_threads(1)
     res = T.evaluate_pipeline(zoo.load_default(name), name, n=200)
     assert res["overall"] >= 0.6
+
+
+def test_init_from_a_saved_pipeline(tmp_path):
+    """--init-from: weights (and EMA) from a saved folder, counters continue, mismatches are refused."""
+    cfg = _cfg("shapes-mmdit")
+    a = T.Trainer(cfg, tmp_path / "a")
+    for _ in range(2):
+        a.train_step()
+    a.evaluate_and_save(n=0)
+    b = T.Trainer(cfg, tmp_path / "b")
+    b.init_from(tmp_path / "a" / "pipeline")
+    assert b.step == 2
+    for x, y in zip(a.ema.state_dict().values(), b.modules.state_dict().values()):
+        assert torch.equal(x, y)
+    assert np.isfinite(b.train_step())
+    c = T.Trainer(T.TrainConfig(model="shapes-mmdit", batch=4, warmup=2, arch={**TINY["shapes-mmdit"], "layers": 2}),
+                  tmp_path / "c")
+    with pytest.raises(ValueError, match="architecture"):
+        c.init_from(tmp_path / "a" / "pipeline")

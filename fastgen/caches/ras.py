@@ -1051,4 +1051,5 @@ register_technique(Technique(
     check=_check, families=_FAMILIES, summary=_summary,
     help="region-adaptive sampling: recompute only the image tokens in focus, reuse the rest (DiTs)",
     example="ras:0.5",
+    incompatible={"tome": "both change the token set of the attention; apply only one"},
 ))

@@ -580,6 +580,33 @@ class Trainer:
         logger.info("resumed %s at step %d (%.1f min trained)", path, self.step, self.elapsed / 60)
         return True
 
+    def init_from(self, path: str | os.PathLike) -> None:
+        """Start from the weights of a saved zoo pipeline folder (e.g. the shipped ``fastgen/zoo/weights/<name>``
+        or another run's ``best_pipeline``) instead of a checkpoint: weights and EMA are set to the folder's,
+        the optimizer starts fresh, and the step and elapsed-time counters continue from the folder's
+        ``fastgen_zoo.json`` (so the data stream continues with unseen seeds). Use it when the run's
+        ``checkpoint.pt`` is gone; prefer ``--resume`` when it exists (exact continuation).
+        """
+        from fastgen import zoo
+
+        path = Path(path)
+        meta_file = path / "fastgen_zoo.json"
+        meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+        if meta.get("model", self.cfg.model) != self.cfg.model:
+            raise ValueError(f"--init-from {path}: that folder holds {meta['model']!r}, this run trains {self.cfg.model!r}")
+        if meta.get("arch") is not None and meta["arch"] != json.loads(json.dumps(self.arch, default=str)):
+            raise ValueError(f"--init-from {path}: architecture {meta['arch']} differs from this run's {self.arch}; "
+                             f"pass the same --arch overrides")
+        pipe = zoo.load_pipeline(path)
+        for k, m in self.modules.items():
+            src = getattr(pipe, k).state_dict()
+            m.load_state_dict(src)
+            self.ema[k].load_state_dict(src)
+        ev = meta.get("eval", {})
+        self.step = int(ev.get("step", 0))
+        self.elapsed = float(ev.get("minutes", 0.0)) * 60.0
+        logger.info("initialised from %s (step %d, %.1f min trained before)", path, self.step, self.elapsed / 60)
+
     # ---- pipelines ------------------------------------------------------------------------------------
 
     def ema_pipeline(self):
@@ -768,6 +795,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--arch", nargs="*", default=[], help="architecture overrides key=value (see ARCH)")
     ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    ap.add_argument("--init-from", metavar="FOLDER", default=None,
+                    help="start from a saved zoo pipeline's weights (e.g. the shipped one) when no checkpoint exists")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1; the cores are shared)")
     ap.add_argument("--ckpt-minutes", type=float, default=5.0)
     ap.add_argument("--eval-minutes", type=float, default=15.0)
@@ -797,9 +826,14 @@ def main(argv: list[str] | None = None) -> int:
                       cfg_dropout=args.cfg_dropout, t_sampling=args.t_sampling, seed=args.seed,
                       arch=_parse_arch(args.arch))
     tr = Trainer(cfg, args.out)
-    if args.resume:
-        if not tr.resume():
-            logger.info("no checkpoint in %s: starting from scratch", args.out)
+    if args.resume and tr.resume():
+        pass
+    elif args.init_from:
+        if (Path(args.out) / "checkpoint.pt").exists():
+            raise SystemExit(f"{args.out}/checkpoint.pt exists: use --resume (exact) instead of --init-from")
+        tr.init_from(args.init_from)
+    elif args.resume:
+        logger.info("no checkpoint in %s: starting from scratch", args.out)
     elif (Path(args.out) / "checkpoint.pt").exists():
         raise SystemExit(f"{args.out}/checkpoint.pt exists: pass --resume to continue it or choose another --out")
     n_params = {k: sum(p.numel() for p in m.parameters()) for k, m in tr.modules.items()}

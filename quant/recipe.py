@@ -1,0 +1,97 @@
+"""The ``qalora:…`` recipe: :func:`fastgen.accelerate` (and ``fastgen bench``/the app) quantize a pipeline's denoiser.
+
+``"qalora:w8a8"``, ``"qalora:w4a8,r16"``, ``"qalora:w4a16"`` (weight-only): arguments are
+:meth:`quant.QALoRAConfig.from_string`'s. Applying the recipe
+
+* loads the fine-tuned QALoRA file shipped for the pipeline when there is one
+  (``fastgen/zoo/weights/<zoo model>-<bits>.safetensors``; none ship yet), checking it against the config;
+* otherwise runs a short data-free calibration (:func:`quant.capture_calibration` on
+  :data:`CALIBRATION_PROMPTS` prompts at :data:`CALIBRATION_STEPS` steps, before any timing) and applies
+  plain PTQ with the config's bits (LoRA at zero). For the fine-tuned model run
+  ``python -m quant.qalora`` and load its file with :func:`quant.load`.
+
+Everything is fake quantization in float (accuracy, not speed); ``fastgen.remove`` restores the
+pipeline bit-exactly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from fastgen.hooks import attach, detach_if_empty, get_state
+from fastgen.registry import Technique, register_technique
+
+from .qalora import QALoRAConfig, qalora_summary, remove_qalora
+
+__all__ = ["CALIBRATION_PROMPTS", "CALIBRATION_STEPS", "apply_qalora_recipe", "remove_qalora_recipe"]
+
+_NAME = "qalora"
+#: Prompts and steps of the recipe's quick calibration (when no fine-tuned file is shipped).
+CALIBRATION_PROMPTS = 4
+CALIBRATION_STEPS = 8
+
+
+def _shipped_file(pipe, config: QALoRAConfig) -> Path | None:
+    from fastgen import zoo
+
+    for name in zoo.list():
+        folder = zoo.weights_path(name)
+        path = getattr(pipe, "name_or_path", None) or getattr(getattr(pipe, "config", None), "_name_or_path", None)
+        if path and folder.exists() and Path(str(path)).resolve() == folder.resolve():
+            f = folder.parent / f"{name}-{config.bits}.safetensors"
+            return f if f.exists() else None
+    return None
+
+
+def apply_qalora_recipe(pipe, config: QALoRAConfig | None = None):
+    """Quantize ``pipe``'s denoiser with ``config`` (see the module docstring); safe to call twice."""
+    from .calibration import capture_calibration
+    from .ptq import quantize
+
+    config = config or QALoRAConfig()
+    st = get_state(pipe)
+    if st is not None and _NAME in st.applied:
+        remove_qalora_recipe(pipe)
+    shipped = _shipped_file(pipe, config)
+    if shipped is not None:
+        quantize(pipe, config, checkpoint=str(shipped))
+    else:
+        calib = None
+        if config.a_bits is not None:
+            from fastgen.zoo import shapes
+
+            prompts = None if _class_conditional(pipe) else shapes.sample_prompts(CALIBRATION_PROMPTS, 123)
+            calib = capture_calibration(pipe, prompts, num_inference_steps=CALIBRATION_STEPS,
+                                        batch_size=CALIBRATION_PROMPTS)
+        quantize(pipe, config, calibration=calib)
+    st = attach(pipe)
+    st.applied[_NAME] = config
+    return pipe
+
+
+def remove_qalora_recipe(pipe):
+    """Undo :func:`apply_qalora_recipe` (bit-exact)."""
+    remove_qalora(pipe)
+    st = get_state(pipe)
+    if st is not None:
+        st.applied.pop(_NAME, None)
+        detach_if_empty(pipe)
+    return pipe
+
+
+def _call_params(pipe) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(type(pipe).__call__).parameters)
+
+
+def _class_conditional(pipe) -> bool:
+    return "class_labels" in _call_params(pipe)
+
+
+register_technique(Technique(
+    name=_NAME, config_cls=QALoRAConfig, parse=QALoRAConfig.from_string, apply=apply_qalora_recipe,
+    remove=remove_qalora_recipe, to_string=lambda c: f"{_NAME}:{c.to_string()}", summary=qalora_summary,
+    help="low-bit quantization of the denoiser (EfficientDM QALoRA; fake-quant; PTQ-calibrated unless a "
+         "fine-tuned file is shipped)",
+    example="qalora:w8a8",
+))
