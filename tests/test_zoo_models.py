@@ -35,13 +35,14 @@ def _cfg(model: str, **kw) -> T.TrainConfig:
 
 
 def test_list_and_defaults():
-    assert zoo.list() == ["shapes-mmdit", "shapes-unet"]
+    assert zoo.list() == ["shapes-mmdit", "shapes-unet", "digits-var"]
     assert set(zoo.DEFAULTS) == set(zoo.list())
     assert zoo.DEFAULTS["shapes-mmdit"]["num_inference_steps"] == 28
     assert zoo.DEFAULTS["shapes-unet"]["num_inference_steps"] == 50
     assert set(zoo.call_kwargs("shapes-mmdit")) == {"num_inference_steps", "guidance_scale", "height", "width",
                                                     "max_sequence_length"}
     assert set(zoo.call_kwargs("shapes-unet")) == {"num_inference_steps", "guidance_scale", "height", "width"}
+    assert set(zoo.call_kwargs("digits-var")) == {"guidance_scale", "top_k", "top_p"}
     with pytest.raises(ValueError, match="unknown zoo model"):
         zoo.load_default("nope")
 
@@ -294,3 +295,15 @@ def test_init_from_a_saved_pipeline(tmp_path):
                   tmp_path / "c")
     with pytest.raises(ValueError, match="architecture"):
         c.init_from(tmp_path / "a" / "pipeline")
+
+
+def test_quality_report_rows(tmp_path, monkeypatch):
+    """`python -m fastgen.zoo.report`: one row per step count plus the real-image ceiling and chance rows."""
+    from fastgen.zoo import report
+
+    pipe = T.build_pipeline("shapes-mmdit", TINY["shapes-mmdit"])
+    T.save_pipeline(pipe, tmp_path / "p", meta={"model": "shapes-mmdit"})
+    rows = report.quality_table("shapes-mmdit", str(tmp_path / "p"), n=4, steps=(1, 2))
+    assert [r["row"] for r in rows][:2] == ["1 steps", "2 steps"] and rows[2]["overall"] == 1.0
+    assert "chance" in rows[3]["row"] and all("fd" in r for r in rows[:3])
+    assert "| 2 steps |" in report.markdown(rows)

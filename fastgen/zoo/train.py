@@ -841,8 +841,9 @@ def main(argv: list[str] | None = None) -> int:
     minutes = args.minutes if (args.minutes is not None or args.steps is not None) else 170.0
     row = tr.run(minutes=minutes, steps=args.steps, ckpt_minutes=args.ckpt_minutes, eval_minutes=args.eval_minutes,
                  eval_prompts=args.eval_prompts)
-    logger.info("done: step %d, %.1f min, overall %.3f; pipeline in %s", tr.step, tr.elapsed / 60,
-                row.get("overall", float("nan")), Path(args.out) / "pipeline")
+    if row:
+        logger.info("done: step %d, %.1f min, overall %.3f; pipeline in %s", tr.step, tr.elapsed / 60,
+                    row.get("overall", float("nan")), Path(args.out) / "pipeline")
     return 0
 
 
