@@ -82,7 +82,7 @@ def resolve_target(target: str) -> str:
 def _zoo_names() -> list[str]:
     from fastgen import zoo
 
-    return zoo.list()
+    return [m for m in zoo.list() if m not in zoo.AR_MODELS]
 
 
 def _is_zoo(model: str) -> bool:

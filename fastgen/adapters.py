@@ -21,12 +21,14 @@ class Adapter:
     """How fastgen sees one pipeline family.
 
     Attributes:
-        family: short name (``"sd"``, ``"sdxl"``, ``"sd3"``, ``"flux"``, ``"pixart"``, ``"sana"``, ``"lumina2"``, ``"dit"``).
+        family: short name (``"sd"``, ``"sdxl"``, ``"sd3"``, ``"flux"``, ``"pixart"``, ``"sana"``, ``"lumina2"``, ``"dit"``,
+            ``"var"``).
         pipeline_classes: diffusers pipeline class names of this family.
         denoiser_attr: attribute of the pipeline holding the denoiser (``"unet"`` or ``"transformer"``).
         denoiser_classes: accepted denoiser class names.
         block_lists: attributes of the denoiser holding its main transformer block lists (DiTs).
-        prediction: ``"epsilon"`` or ``"flow"`` for the family's stock schedulers (the scheduler's own config wins).
+        prediction: ``"epsilon"`` or ``"flow"`` for the family's stock schedulers (the scheduler's own config wins);
+            ``"tokens"`` for next-scale AR (no scheduler).
         conditioning: ``"text"`` or ``"class"``.
         packed: latents are packed 2x2 into tokens by the pipeline (FLUX).
     """
@@ -112,6 +114,9 @@ ADAPTERS: tuple[Adapter, ...] = (
     Adapter("lumina2", ("Lumina2Pipeline",), "transformer", ("Lumina2Transformer2DModel",), ("layers",)),
     Adapter("dit", ("DiTPipeline",), "transformer", ("DiTTransformer2DModel",), ("transformer_blocks",),
             prediction="epsilon", conditioning="class"),
+    # next-scale AR (fastgen.ar.VARPipeline, not a diffusers pipeline): its "denoiser" is the VAR transformer;
+    # only the techniques of fastgen.ar.accel (family "var") apply to it
+    Adapter("var", ("VARPipeline",), "var", ("VAR",), ("blocks",), prediction="tokens", conditioning="class"),
 )
 
 

@@ -1,4 +1,4 @@
-"""The ``fastgen`` command: ``demo``, ``bench``, ``tune``, ``app``, ``info``.
+"""The ``fastgen`` command: ``demo``, ``bench``, ``tune``, ``app``, ``export``, ``info``.
 
 Errors in what the user typed (unknown recipe, model, bad sizes) print one line and exit with status 2;
 no traceback.
@@ -40,6 +40,9 @@ def _default_model() -> str:
 def _is_zoo(name: str) -> bool:
     from . import zoo
 
+    if name in zoo.AR_MODELS:
+        raise FastgenError(f"{name!r} is a next-scale AR model (VARPipeline): demo/bench run diffusers pipelines; "
+                           f"evaluate it with `python -m fastgen.ar.evaluate` (see the README's VAR section)")
     return name in zoo.list()
 
 
@@ -247,6 +250,121 @@ def cmd_app(args) -> int:
     return 0
 
 
+def _export_call_kwargs(args, pipe) -> dict:
+    """The pipeline call whose denoiser inputs become the export's fixed example inputs."""
+    from .testing import default_call_kwargs
+
+    if _is_zoo(args.model):
+        from . import zoo
+
+        kw = zoo.call_kwargs(args.model)
+        kw.update(prompt=args.prompt or "a red circle left of a blue square", num_inference_steps=4)
+    else:
+        kw = default_call_kwargs(pipe, args.prompt or "a red circle left of a blue square", steps=4)
+        kind = args.model.split("-", 1)[-1]
+        if args.model.startswith(("tiny-", "bench-")):
+            from .testing import _SPECS, bench_resolution
+
+            if kind in _SPECS and not _SPECS[kind].class_conditional:
+                kw["height"], kw["width"] = (bench_resolution(kind, 1024) if args.model.startswith("bench-")
+                                             else _SPECS[kind].tiny_hw)
+    if args.height:
+        kw["height"] = args.height
+    if args.width:
+        kw["width"] = args.width
+    return kw
+
+
+def cmd_export(args) -> int:
+    if args.bits not in (4, 8):
+        raise FastgenError(f"--bits must be 8 or 4, got {args.bits}")
+    need = {"executorch": [("executorch", "mobile"), ("torchao", "mobile")],
+            "onnx": [("onnx", "mobile"), ("onnxscript", "mobile"), ("onnxruntime", "mobile")],
+            "int8": []}[args.target]
+    for mod, extra in need:  # before loading anything
+        if importlib.util.find_spec(mod) is None:
+            raise FastgenError(f"--target {args.target} needs {mod!r}, which is not installed: "
+                               f"pip install 'fastgen[{extra}]'")
+    if args.from_qalora and not os.path.exists(args.from_qalora):
+        raise FastgenError(f"--from-qalora {args.from_qalora}: no such file")
+    import quant
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    pipe = _load(args)
+    if args.from_qalora:
+        quant.load(pipe, args.from_qalora)
+    kw = _export_call_kwargs(args, pipe)
+    check = not args.no_check
+    if args.target == "executorch":
+        rep = quant.export_executorch(pipe, args.out, args.bits, call_kwargs=kw, check=check)
+    elif args.target == "onnx":
+        rep = quant.export_onnx(pipe, args.out, qdq_int8=args.onnx_quant != "none",
+                                mode="static" if args.onnx_quant == "none" else args.onnx_quant, ort=args.ort,
+                                call_kwargs=kw, check=check)
+    else:
+        rep = _export_int8(pipe, args, kw, check)
+    sys.stdout.write(rep.format() + "\n")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rep.to_dict(), f, indent=2)
+    return 0
+
+
+def _export_int8(pipe, args, kw: dict, check: bool):
+    """--target int8: the integer safetensors (quant.save) of a QALoRA file or of a data-free W{bits}A8 PTQ,
+    checked by running it on real int8 kernels (quant.to_int8 static, eager) against fp32 and fake quant."""
+    import time
+
+    import quant
+    from quant.export import ExportReport, _errors
+
+    inputs = quant.capture_denoiser_inputs(pipe, kw, index=1, steps=4)
+    den = quant.get_denoiser(pipe)
+    notes = []
+    with torch.no_grad():
+        if quant.is_quantized(pipe):
+            with quant.quant_mode(pipe, "fp"):
+                ref = den(**inputs)[0]
+            notes.append(f"weights and activation tables from {args.from_qalora}")
+        else:
+            ref = den(**inputs)[0]
+            calib_kw = {k: v for k, v in kw.items() if k not in ("prompt", "num_inference_steps", "generator")}
+            quant.quantize(pipe, quant.QALoRAConfig(w_bits=args.bits, a_bits=8, rank=0),
+                           prompts=None if "class_labels" in kw else ["a red circle", "two blue squares",
+                                                                      "a green triangle", "three yellow circles"],
+                           num_inference_steps=8, **calib_kw)
+            notes.append(f"data-free W{args.bits}A8 PTQ (4 prompts, 8 steps); fine-tune with python -m quant.qalora "
+                         "for better accuracy")
+        path = quant.save(pipe, args.out)
+        rep = ExportReport(target="int8", path=str(path), bytes=os.path.getsize(path),
+                           quantization=quant.read_header(path)["bits"] + " integer safetensors",
+                           inputs={k: list(v.shape) for k, v in inputs.items() if isinstance(v, torch.Tensor)},
+                           quantized_layers=len(quant.read_header(path)["layers"]), notes=notes)
+        if check:
+            fq = den(**inputs)[0]
+            quant.to_int8(pipe, "static", compile=False)
+            y = den(**inputs)[0]
+            rep.max_abs_err, rep.rel_err = _errors(y, ref)
+            rep.rel_err_vs_quant_model = _errors(y, fq)[1]
+
+            def med(fn):
+                fn()
+                ts = []
+                for _ in range(5):
+                    t0 = time.perf_counter()
+                    fn()
+                    ts.append(time.perf_counter() - t0)
+                return sorted(ts)[2] * 1e3
+
+            rep.runtime_ms = med(lambda: den(**inputs))
+            quant.remove_int8(pipe)
+            with quant.quant_mode(pipe, "fp"):
+                rep.torch_ms = med(lambda: den(**inputs))
+            rep.notes.append("latency: int8 static eager (no compile) vs fp32 eager; compiled numbers: "
+                             "python -m quant.bench_int8")
+    return rep
+
+
 def cmd_info(args) -> int:
     import diffusers
     import transformers
@@ -321,6 +439,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--share", choices=("yes", "no"), default="no", help="gradio share link (needs internet)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.set_defaults(func=cmd_app)
+
+    p = sub.add_parser("export", help="export the denoiser: ExecuTorch .pte (XNNPACK), ONNX (QDQ int8, .ort) or "
+                                      "int8 safetensors; runs it back and compares with PyTorch")
+    p.add_argument("--model", default=None, help=f"as for bench (default {DEFAULT_MODEL}; {FALLBACK_MODEL} if its "
+                                                 "weights are not installed)")
+    p.add_argument("--target", required=True, choices=("executorch", "onnx", "int8"))
+    p.add_argument("--bits", type=int, default=8, help="weight bits: 8 or 4 (activations: 8-bit)")
+    p.add_argument("--out", required=True, help="output file (.pte, .onnx, .safetensors)")
+    p.add_argument("--from-qalora", default=None, metavar="FILE",
+                   help="a QALoRA/PTQ file of quant.save: export its integer weights (and scales)")
+    p.add_argument("--onnx-quant", choices=("static", "dynamic", "none"), default="static",
+                   help="onnx: onnxruntime quantization (static = QDQ int8 calibrated on the pipeline's own calls)")
+    p.add_argument("--ort", action="store_true", help="onnx: also write the .ort (ONNX Runtime Mobile) file")
+    p.add_argument("--prompt", default=None, help="prompt of the call whose denoiser inputs are exported")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--no-check", action="store_true", help="do not run the artifact back")
+    p.add_argument("--json", help="write the export report as JSON here")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("info", help="versions, devices, installed extras, registered techniques")
     p.add_argument("--json", action="store_true")

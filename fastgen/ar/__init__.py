@@ -7,6 +7,13 @@ checkpoints (``vae_ch160v4096z32.pth``, ``var_d{16,20,24,30,36}.pth``) unchanged
   checkpoint loader :func:`load_official`.
 * :mod:`fastgen.ar.pipeline` -- :class:`VARPipeline` (``pipe(class_labels).images``, in/out-painting,
   ``save_pretrained``/``from_pretrained``).
+* HMAR mode (Kumbong et al., CVPR 2025): ``VARConfig(markov=True, mask_layers=0|n)`` -- block-diagonal
+  (Markovian) scale conditioning without a KV cache, and MaskGIT-style refinement inside a scale
+  (``sample(..., hmar_steps={scale: n})``).
+* :mod:`fastgen.ar.accel` -- acceleration through ``fastgen.accelerate`` (family ``"var"``): ``var-attn``,
+  ``fastvar`` (token pruning), ``code`` (draft/refine with a small VAR), ``cfg-share``.
+* :mod:`fastgen.ar.train` -- ``python -m fastgen.ar.train vae|var|export`` (the zoo's ``digits-var``).
+* :mod:`fastgen.ar.evaluate` -- speed/quality of recipes on ``digits-var``; VAR-d16 speed probe.
 """
 
 from __future__ import annotations

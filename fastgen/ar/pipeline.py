@@ -87,6 +87,8 @@ class VARPipeline:
         var.attach_vae(vae)
         self.vae, self.var = vae, var
         self._progress_bar_config: dict[str, Any] = {}
+        #: the folder this pipeline was loaded from (``from_pretrained``), else ``None``
+        self.name_or_path: str | None = None
 
     # -- construction and persistence ------------------------------------------------------------------
     @classmethod
@@ -135,6 +137,7 @@ class VARPipeline:
         var = build_and_load(lambda: VAR(tcfg, init=False), read_checkpoint(root / "var" / _WEIGHTS, "var"), "VAR",
                              strict=strict, copy=False)
         pipe = cls(vae.eval().requires_grad_(False), var.eval().requires_grad_(False))
+        pipe.name_or_path = str(root)
         return pipe.to(device=device, dtype=dtype)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "VARPipeline":
@@ -256,6 +259,13 @@ class VARPipeline:
         image: Any = None,
         mask: Any = None,
         return_dict: bool = True,
+        hmar_steps: dict[int, int] | None = None,
+        prune: Any = None,
+        cfg_share: Any = None,
+        refiner: Any = None,
+        draft_scales: int | None = None,
+        stats: dict | None = None,
+        callback_on_scale_end: Any = None,
     ) -> VARPipelineOutput | tuple:
         """Generate images.
 
@@ -271,6 +281,12 @@ class VARPipeline:
                 kept where ``mask`` is 1 (VAR's convention: **1 = keep, 0 = generate**); one image for
                 all samples, or one per label.
             return_dict: return a :class:`VARPipelineOutput` (else a tuple ``(images, tokens)``).
+            hmar_steps: HMAR masked refinement ``{scale index: sub-steps}`` (HMAR models only).
+            prune, cfg_share, refiner, draft_scales: acceleration (FastVAR pruning, CFG-pair sharing, CoDe
+                draft/refine); usually set by ``fastgen.accelerate`` (see :mod:`fastgen.ar.accel`) and
+                passed on to :meth:`fastgen.ar.var.VAR.sample`.
+            stats: a dict that receives what ran at every scale.
+            callback_on_scale_end: called as ``callback_on_scale_end(k, K)`` after each scale ``k``.
         """
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
@@ -296,10 +312,17 @@ class VARPipeline:
             input_tokens = toks
 
         bar = tqdm(total=len(pns), desc="VAR scales", **self._progress_bar_config)
+
+        def on_scale(si: int, K: int) -> None:
+            bar.update(1)
+            if callback_on_scale_end is not None:
+                callback_on_scale_end(si, K)
+
         try:
             out = self.var.sample(B, labels, cfg=guidance_scale, top_k=top_k, top_p=top_p, more_smooth=more_smooth,
                                   generator=generator, vae=self.vae, input_tokens=input_tokens, keep_masks=keep,
-                                  step_callback=lambda si, K: bar.update(1))
+                                  step_callback=on_scale, hmar_steps=hmar_steps, prune=prune, cfg_share=cfg_share,
+                                  refiner=refiner, draft_scales=draft_scales, stats=stats)
         finally:
             bar.close()
         img = self.vae.fhat_to_img(out.f_hat.to(self.vae.post_quant_conv.weight.dtype)).float().add(1).mul(0.5)

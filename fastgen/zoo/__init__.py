@@ -1,13 +1,16 @@
 """Embedded default models of fastgen and the procedural worlds they are trained and scored on.
 
 ``fastgen.zoo.shapes`` is a procedural text-to-image world (coloured shapes, counts, relations) and
-``fastgen.zoo.evaluate`` its exact, rule-based evaluator. The trained pipelines ship as standard diffusers
+``fastgen.zoo.evaluate`` its exact, rule-based evaluator; ``fastgen.zoo.digits`` is scikit-learn's
+handwritten digits and their scorer (a classifier trained on held-out digits), for the class-conditional
+next-scale AR model ``digits-var`` (a :class:`fastgen.ar.VARPipeline`, trained by
+``python -m fastgen.ar.train``). The trained pipelines ship as standard diffusers
 folders under ``fastgen/zoo/weights/<name>/`` and load with :func:`load_default`; ``fastgen.zoo.train``
 is the recipe that reproduces them (``python -m fastgen.zoo.train <name> --out DIR``).
 
 >>> import fastgen.zoo as zoo
 >>> zoo.list()
-['shapes-mmdit', 'shapes-unet']
+['shapes-mmdit', 'shapes-unet', 'digits-var']
 >>> pipe = zoo.load_default("shapes-mmdit")                       # doctest: +SKIP
 >>> image = pipe("a red circle left of a blue square", **zoo.call_kwargs("shapes-mmdit")).images[0]  # doctest: +SKIP
 """
@@ -24,11 +27,13 @@ from fastgen.errors import FastgenError
 
 __all__ = [
     "MODELS", "DEFAULTS", "WEIGHTS_DIR", "list", "load_default", "load_pipeline", "check_weights", "call_kwargs",
-    "weights_path", "WeightsNotFoundError", "WeightsError",
+    "weights_path", "WeightsNotFoundError", "WeightsError", "AR_MODELS",
 ]
 
 #: The zoo's model names.
-MODELS: tuple[str, ...] = ("shapes-mmdit", "shapes-unet")
+MODELS: tuple[str, ...] = ("shapes-mmdit", "shapes-unet", "digits-var")
+#: Zoo models that are next-scale AR pipelines (:class:`fastgen.ar.VARPipeline`), not diffusers folders.
+AR_MODELS: tuple[str, ...] = ("digits-var",)
 
 #: Default sampling settings per model: what the reported scores use (``call_kwargs`` turns them into
 #: pipeline keyword arguments; ``sampler`` names the scheduler shipped in the folder).
@@ -36,6 +41,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "shapes-mmdit": {"num_inference_steps": 28, "guidance_scale": 5.0, "sampler": "flow-euler (shift 1.0)",
                      "height": 32, "width": 32, "max_sequence_length": 2},
     "shapes-unet": {"num_inference_steps": 50, "guidance_scale": 5.0, "sampler": "ddim", "height": 32, "width": 32},
+    "digits-var": {"guidance_scale": 2.0, "top_k": 0, "top_p": 0.0, "height": 32, "width": 32},
 }
 
 #: Where the shipped weights live (one diffusers folder per model).
@@ -67,7 +73,7 @@ def weights_path(name: str) -> Path:
 
 
 #: Keys of :data:`DEFAULTS` that are pipeline call arguments.
-_CALL_KEYS = ("num_inference_steps", "guidance_scale", "height", "width", "max_sequence_length")
+_CALL_KEYS = ("num_inference_steps", "guidance_scale", "height", "width", "max_sequence_length", "top_k", "top_p")
 
 
 def call_kwargs(name: str) -> dict[str, Any]:
@@ -76,7 +82,8 @@ def call_kwargs(name: str) -> dict[str, Any]:
     :func:`load_default` installs, the same images as the plain 256-token call, see
     :mod:`fastgen.zoo.attention`)."""
     d = DEFAULTS[_check_name(name)]
-    return {k: d[k] for k in _CALL_KEYS if k in d}
+    keys = ("guidance_scale", "top_k", "top_p") if name in AR_MODELS else _CALL_KEYS  # VARPipeline has no height/width
+    return {k: d[k] for k in keys if k in d}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -227,7 +234,8 @@ def load_default(name: str = "shapes-mmdit", device: Any = None, dtype: Any = No
 
     Args:
         name: one of :func:`list` (``"shapes-mmdit"``: StableDiffusion3Pipeline; ``"shapes-unet"``:
-            StableDiffusionPipeline). Their default call settings are in :data:`DEFAULTS`.
+            StableDiffusionPipeline; ``"digits-var"``: :class:`fastgen.ar.VARPipeline`, called with class
+            labels 0-9). Their default call settings are in :data:`DEFAULTS`.
         device: where to put the pipeline (default CPU).
         dtype: torch dtype (default float32).
 
@@ -236,6 +244,8 @@ def load_default(name: str = "shapes-mmdit", device: Any = None, dtype: Any = No
         WeightsError: a weight file is damaged or does not match its config (names file and tensor).
     """
     folder = weights_path(name)
+    if name in AR_MODELS:
+        return _load_ar(name, folder, device, dtype)
     if not (folder / "model_index.json").exists():
         raise WeightsNotFoundError(
             f"the weights of zoo model {name!r} are not installed ({folder} has no model_index.json). "
@@ -243,3 +253,24 @@ def load_default(name: str = "shapes-mmdit", device: Any = None, dtype: Any = No
             f"`python -m fastgen.zoo.train {name} --out runs/{name} --export {folder}`."
         )
     return load_pipeline(folder, device=device, dtype=dtype)
+
+
+def _load_ar(name: str, folder: Path, device: Any, dtype: Any):
+    """A next-scale AR zoo model: a ``VARPipeline.save_pretrained`` folder."""
+    from fastgen.ar.pipeline import VARPipeline
+    from fastgen.ar.var import CheckpointError
+
+    if not (folder / "model_index.json").exists():
+        raise WeightsNotFoundError(
+            f"the weights of zoo model {name!r} are not installed ({folder} has no model_index.json). Train them "
+            f"(about 35 min on one CPU core) with `python -m fastgen.ar.train vae --out runs/digits-vae --steps 1400` "
+            f"and `python -m fastgen.ar.train var --vae runs/digits-vae --out runs/{name} --steps 2200`, then "
+            f"`python -m fastgen.ar.train export --out runs/{name} --to {folder}`.")
+    try:
+        pipe = VARPipeline.from_pretrained(folder, device=device, dtype=dtype)
+    except FileNotFoundError as e:
+        raise WeightsNotFoundError(str(e)) from e
+    except (CheckpointError, ValueError) as e:
+        raise WeightsError(f"{folder}: {e}") from e
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -85,7 +85,7 @@ _EVAL_ZERO_TOKENS = 2
 
 
 def _check_model(name: str) -> str:
-    if name not in MODELS:
+    if name not in MODELS or name not in ARCH:
         raise ValueError(f"unknown zoo model {name!r}; choose one of {', '.join(MODELS)}")
     return name
 
@@ -782,7 +782,7 @@ def _parse_arch(items: list[str]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     """``python -m fastgen.zoo.train MODEL --out DIR [...]`` (see ``--help``)."""
     ap = argparse.ArgumentParser(prog="python -m fastgen.zoo.train", description=__doc__.split("\n\n")[0])
-    ap.add_argument("model", choices=MODELS)
+    ap.add_argument("model", choices=[m for m in MODELS if m in ARCH])
     ap.add_argument("--out", required=True, help="run folder (checkpoint.pt, pipeline/, best_pipeline/, history)")
     ap.add_argument("--minutes", type=float, default=None, help="training time budget in total (default 170)")
     ap.add_argument("--steps", type=int, default=None, help="stop after this many optimisation steps in total")

@@ -1,0 +1,652 @@
+"""Acceleration of next-scale AR pipelines (:class:`~fastgen.ar.pipeline.VARPipeline`), pluggable through
+``fastgen.accelerate``.
+
+``VARPipeline`` is not a diffusers pipeline; fastgen sees it through the adapter family ``"var"`` (its
+denoiser is ``pipe.var``). Each technique is a typed config, an ``apply``/``remove`` pair and a recipe
+string. Except ``var-attn`` (which sets the attention kernel of ``pipe.var``'s attention modules), none
+of them touches a module: they add keyword arguments to every pipeline call (``prune=``,
+``cfg_share=``, ``refiner=``/``draft_scales=``), which :meth:`fastgen.ar.var.VAR.sample` carries out, so
+``fastgen.remove`` restores the pipeline bit-exactly by construction and every call starts clean.
+``fastgen.summary(pipe)["last_call"]`` reports what ran at every scale (tokens computed, rows, model).
+
+Techniques (measured speed and quality on the zoo's ``digits-var`` in the README):
+
+``var-attn:sdpa|math|xformers`` (:class:`VARAttnConfig`)
+    The attention kernel: PyTorch SDPA (default), an explicit softmax (``math``, the reference) or
+    xformers' memory-efficient attention (the ``gpu`` extra; a clear error when it is missing).
+
+``fastvar:RATIO[,last=N,metric=hf|mean,fill=cache|logits|zero]`` (:class:`FastVARConfig`)
+    FastVAR-style token pruning (Guo et al., "FastVAR: Linear Visual Autoregressive Modeling via Cached
+    Token Pruning", ICCV 2025). At the last ``N`` scales only the top ``(1 - RATIO)`` of the tokens,
+    ranked by a cheap score of the scale's input (:func:`fastgen.ar.var.prune_scores`; default
+    ``"hf"``: the energy the previous, coarser grid cannot represent), run through the transformer
+    (attention, MLP, K/V cache: everything scales with the kept tokens). The pruned positions are filled
+    from a cache of the previous scale (``fill``): its final hidden states bilinearly upsampled and put
+    through the head (``"cache"``, FastVAR's cached token restoration), its raw logits nearest-upsampled
+    (``"logits"``), or the codebook's zero-closest code, i.e. "no residual here" (``"zero"``). Ratio 0 is
+    the baseline, bit-exactly.
+
+``code:draft=N[,refiner=PATH]`` (:class:`CoDeConfig`)
+    CoDe (Chen et al., "Collaborative Decoding Makes Visual Auto-Regressive Modeling Efficient", CVPR
+    2025), training-free version: ``pipe.var`` drafts the first ``N`` scales, a smaller VAR on the same
+    VQ-VAE ("refiner") builds its own KV cache from the drafted scales in one block-causal pass and
+    generates the rest. Default refiner: ``var_small/`` in the pipeline's folder (the zoo's
+    ``digits-var`` ships one); else a path (a VAR folder or a VARPipeline folder) or a :class:`VAR`.
+
+``cfg-share:start=S[,every=K,mode=drop|reuse]`` (:class:`CFGShareConfig`)
+    Classifier-free-guidance pair sharing at late scales (the unconditional-branch skipping of SkipVAR
+    / LiteVAR). From scale ``S`` on (negative: counted from the end; ``cfg-share:2`` = the last two) the
+    unconditional half of the batch runs only at every ``K``-th scale (``K = 0``: never), halving the rows
+    at the other scales. At a skipped scale the guided logits are just ``cond`` (``"drop"``, default) or
+    ``cond + t * delta`` where ``delta`` is the last computed ``cond - uncond`` logits, nearest-upsampled
+    to the scale (``"reuse"``); the unconditional K/V of a skipped scale are copies of the conditional ones
+    (used only if a later scale runs the unconditional branch again).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import UnsupportedPipelineError, require_extra
+from ..hooks import attach, detach_if_empty, get_state
+from ..registry import Technique, register_technique
+from ..utils.logging import get_logger
+from .var import VAR, SelfAttention
+
+logger = get_logger(__name__)
+
+__all__ = ["VARAttnConfig", "FastVARConfig", "CoDeConfig", "CFGShareConfig", "apply_var_attn", "remove_var_attn",
+           "apply_fastvar", "remove_fastvar", "apply_code", "remove_code", "apply_cfg_share", "remove_cfg_share",
+           "FASTVAR_PRESETS", "load_refiner"]
+
+_FAMILY = ("var",)
+_STATS_KEY = "var"
+
+
+# --------------------------------------------------------------------------------------------------
+# Configs
+# --------------------------------------------------------------------------------------------------
+
+_BACKENDS = ("sdpa", "math", "xformers")
+_METRICS = ("hf", "mean")
+_FILLS = ("cache", "logits", "zero")
+_MODES = ("reuse", "drop")
+
+
+@dataclass(frozen=True)
+class VARAttnConfig:
+    """Attention kernel of the VAR transformer.
+
+    Attributes:
+        backend: ``"sdpa"`` (``torch.nn.functional.scaled_dot_product_attention``, default: picks flash /
+            memory-efficient / math kernels by itself), ``"math"`` (explicit softmax, the slow reference)
+            or ``"xformers"`` (``xformers.ops.memory_efficient_attention``; ``pip install 'fastgen[gpu]'``).
+    """
+
+    backend: str = "sdpa"
+
+    def __post_init__(self):
+        if self.backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(_BACKENDS)}, got {self.backend!r}")
+
+
+@dataclass(frozen=True)
+class FastVARConfig:
+    """FastVAR-style token pruning at the largest scales (see the module docstring).
+
+    Important args:
+        ratio: fraction of the tokens of a pruned scale that are *not* run through the transformer (default
+            0.5). The cost of a pruned scale is ~``1 - ratio`` of a dense one (attention a bit less), so with
+            the last two scales pruned at 0.5 the ideal speed-up of those scales is 2x. 0 = baseline.
+            Range 0-0.9.
+        last: number of final scales pruned (default 2; the last two hold 62 % of the tokens at 256 px).
+
+    Args to tinker with:
+        ratios: per-scale ratios for the last ``len(ratios)`` scales (e.g. ``(0.4, 0.5)``), overriding
+            ``ratio`` and ``last``. Default None.
+        metric: token ranking, ``"hf"`` (default: high-frequency energy of the scale's input, what the
+            previous grid cannot represent) or ``"mean"`` (FastVAR's distance to the scale's mean token).
+        fill: what the pruned positions get: ``"cache"`` (default; the previous scale's final hidden states,
+            bilinearly upsampled, through the head), ``"logits"`` (the previous scale's logits,
+            nearest-upsampled) or ``"zero"`` (the codebook entry closest to zero: no residual).
+    """
+
+    ratio: float = 0.5
+    last: int = 2
+    ratios: tuple | None = None
+    metric: str = "hf"
+    fill: str = "cache"
+
+    def __post_init__(self):
+        def ok(r: Any) -> bool:
+            return isinstance(r, (int, float)) and not isinstance(r, bool) and 0.0 <= float(r) < 1.0
+
+        if not ok(self.ratio):
+            raise ValueError(f"ratio must be in [0, 1) (fraction of tokens pruned), got {self.ratio!r}")
+        if not isinstance(self.last, int) or isinstance(self.last, bool) or self.last < 1:
+            raise ValueError(f"last must be a positive integer (number of final scales pruned), got {self.last!r}")
+        if self.ratios is not None:
+            rs = tuple(self.ratios)
+            if not rs or not all(ok(r) for r in rs):
+                raise ValueError(f"ratios must be a non-empty sequence of values in [0, 1), got {self.ratios!r}")
+            object.__setattr__(self, "ratios", tuple(float(r) for r in rs))
+        if self.metric not in _METRICS:
+            raise ValueError(f"metric must be one of {', '.join(_METRICS)}, got {self.metric!r}")
+        if self.fill not in _FILLS:
+            raise ValueError(f"fill must be one of {', '.join(_FILLS)}, got {self.fill!r}")
+
+    def prune_ratio(self, si: int, K: int) -> float:
+        """Fraction of the tokens pruned at scale ``si`` of ``K`` (0 = dense)."""
+        if self.ratios is not None:
+            j = si - (K - len(self.ratios))
+            return self.ratios[j] if j >= 0 else 0.0
+        return float(self.ratio) if si >= K - self.last else 0.0
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "FastVARConfig":
+        """``"slow"`` (ratio 0.25), ``"medium"`` (0.5) or ``"fast"`` (0.75), with field overrides."""
+        if name not in FASTVAR_PRESETS:
+            raise ValueError(f"unknown FastVAR preset {name!r}; choose one of {', '.join(FASTVAR_PRESETS)}")
+        return replace(FASTVAR_PRESETS[name], **overrides)
+
+
+FASTVAR_PRESETS: dict[str, FastVARConfig] = {
+    "slow": FastVARConfig(ratio=0.25), "medium": FastVARConfig(ratio=0.5), "fast": FastVARConfig(ratio=0.75),
+}
+
+
+class _ModuleRef:
+    """Holds a module inside a frozen config without copying it (``dataclasses.asdict`` deep-copies)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+
+    def __deepcopy__(self, memo: dict) -> "_ModuleRef":
+        return self
+
+    def __repr__(self) -> str:
+        n = sum(p.numel() for p in self.module.parameters())
+        return f"<{type(self.module).__name__} {n / 1e6:.2f}M params>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _ModuleRef) and other.module is self.module
+
+    def __hash__(self) -> int:
+        return id(self.module)
+
+
+@dataclass(frozen=True)
+class CoDeConfig:
+    """CoDe draft/refine split (see the module docstring).
+
+    Attributes:
+        draft: number of initial scales drafted by ``pipe.var`` (default 4 of the 6 ``digits-var`` scales;
+            CoDe's 256 px settings are 6-8 of 10). The refiner generates scales ``draft .. K-1``; the larger
+            ``draft``, the closer to the big model and the smaller the saving. Range 1..K-1.
+        refiner: the small model: ``None`` (``var_small/`` in the pipeline's folder), a path to a VAR folder
+            (``config.json`` + ``model.safetensors``) or to a VARPipeline folder, or a :class:`VAR`.
+    """
+
+    draft: int = 4
+    refiner: Any = field(default=None)
+
+    def __post_init__(self):
+        if not isinstance(self.draft, int) or isinstance(self.draft, bool) or self.draft < 1:
+            raise ValueError(f"draft must be a positive integer (scales drafted by the big model), got {self.draft!r}")
+        r = self.refiner
+        if isinstance(r, torch.nn.Module):
+            if not isinstance(r, VAR):
+                raise ValueError(f"refiner must be a fastgen.ar.VAR, got {type(r).__name__}")
+            object.__setattr__(self, "refiner", _ModuleRef(r))
+        elif r is not None and not isinstance(r, (str, Path, _ModuleRef)):
+            raise ValueError(f"refiner must be None, a path or a VAR, got {type(r).__name__}")
+        elif isinstance(r, Path):
+            object.__setattr__(self, "refiner", str(r))
+
+
+@dataclass(frozen=True)
+class CFGShareConfig:
+    """CFG-pair sharing at late scales (see the module docstring).
+
+    Attributes:
+        start: first scale whose unconditional branch may be skipped (default -2: the last two scales;
+            negative values count from the end). Guidance matters most at the coarse scales (they fix the
+            class), least at the fine ones, and the fine ones cost most.
+        every: within the shared scales, run the unconditional branch at every ``every``-th one (the first
+            of them included); 0 (default) = never. Each skipped scale saves half of that scale's rows.
+        mode: ``"drop"`` (default: the conditional logits only, i.e. no guidance there) or ``"reuse"``
+            (``cond + t * delta``, ``delta`` = the last computed ``cond - uncond`` logits, nearest-upsampled).
+            On ``digits-var`` (last two scales shared, cfg 2, 500 samples) ``"drop"`` keeps accuracy and
+            Fréchet distance at the baseline's (0.998 / 2.11 vs 0.998 / 2.07) while ``"reuse"`` loses
+            (0.988 / 3.57): a guidance direction computed at a coarser scale does not transfer.
+    """
+
+    start: int = -2
+    every: int = 0
+    mode: str = "drop"
+
+    def __post_init__(self):
+        if not isinstance(self.start, int) or isinstance(self.start, bool):
+            raise ValueError(f"start must be an integer scale index (negative: from the end), got {self.start!r}")
+        if not isinstance(self.every, int) or isinstance(self.every, bool) or self.every < 0:
+            raise ValueError(f"every must be an integer >= 0 (0 = never run the unconditional branch), got {self.every!r}")
+        if self.mode not in _MODES:
+            raise ValueError(f"mode must be one of {', '.join(_MODES)}, got {self.mode!r}")
+
+    def first_shared(self, K: int) -> int:
+        return self.start if self.start >= 0 else K + self.start
+
+    def run_uncond(self, si: int, K: int) -> bool:
+        """Whether scale ``si`` of ``K`` runs the unconditional branch."""
+        s = self.first_shared(K)
+        if si < s:
+            return True
+        return self.every > 0 and (si - s) % self.every == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared plumbing
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_family(pipe, adapter, what: str) -> None:
+    if adapter.family not in _FAMILY:
+        raise UnsupportedPipelineError(
+            f"{what} works on next-scale AR pipelines (fastgen.ar.VARPipeline), not on {type(pipe).__name__} "
+            f"({adapter.family}); for diffusion pipelines use 'ras', 'tome' or a step cache")
+
+
+def _stats(pipe) -> dict:
+    return get_state(pipe).call.records.setdefault(_STATS_KEY, {})
+
+
+def _count_scale(pipe):
+    st = get_state(pipe)
+
+    def cb(si: int, K: int) -> None:
+        st.call.on_denoiser_call(si)  # one "step" per scale: summary's steps_run counts scales
+
+    return cb
+
+
+def _add_call_hook(pipe, name: str, extra: Any) -> None:
+    """Register ``extra(pipe) -> dict`` as the keyword arguments ``name`` adds to every call, plus the
+    shared per-call stats dict and the scale counter."""
+    st = attach(pipe)
+
+    def hook(p, kwargs: dict) -> dict:
+        out = dict(kwargs)
+        out.update(extra(p))
+        out.setdefault("stats", _stats(p))
+        if "callback_on_scale_end" not in out or out["callback_on_scale_end"] is None:
+            out["callback_on_scale_end"] = _count_scale(p)
+        return out
+
+    st.call_hooks[name] = hook
+
+
+def _remove(pipe, name: str) -> Any:
+    st = get_state(pipe)
+    if st is None or name not in st.applied:
+        return pipe
+    del st.applied[name]
+    st.call_hooks.pop(name, None)
+    st.saved.pop(name, None)
+    detach_if_empty(pipe)
+    return pipe
+
+
+def _scales(pipe) -> list[dict]:
+    st = get_state(pipe)
+    rec = (st.last_call or {}).get(_STATS_KEY) or {}
+    return rec.get("scales", [])
+
+
+def _kv(args: str | None) -> tuple[list[str], dict[str, str]]:
+    pos, kw = [], {}
+    for part in (args or "").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        k, eq, v = part.partition("=")
+        if eq:
+            kw[k.strip().lower()] = v.strip()
+        else:
+            pos.append(part)
+    return pos, kw
+
+
+def _int(v: str, what: str) -> int:
+    try:
+        return int(v)
+    except ValueError:
+        raise ValueError(f"{what} must be an integer, got {v!r}") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# var-attn
+# --------------------------------------------------------------------------------------------------
+
+_ATTN = "var-attn"
+
+
+def _attn_check(pipe, adapter, config: VARAttnConfig) -> None:
+    _check_family(pipe, adapter, "var-attn")
+    if config.backend == "xformers":
+        require_extra("xformers.ops", "gpu", "the xformers attention backend (var-attn:xformers)")
+
+
+def apply_var_attn(pipe, config: VARAttnConfig | None = None):
+    """Set the attention kernel of every attention module of ``pipe.var``. Returns ``pipe``."""
+    from ..adapters import get_adapter
+
+    config = config or VARAttnConfig()
+    if not isinstance(config, VARAttnConfig):
+        raise TypeError(f"apply_var_attn expects a VARAttnConfig, got {type(config).__name__}")
+    _attn_check(pipe, get_adapter(pipe), config)
+    remove_var_attn(pipe)
+    st = attach(pipe)
+    mods = [m for m in pipe.var.modules() if isinstance(m, SelfAttention)]
+    st.saved[_ATTN] = [(m, m.backend) for m in mods]
+    for m in mods:
+        m.backend = config.backend
+    st.applied[_ATTN] = config
+    _add_call_hook(pipe, _ATTN, lambda p: {})
+    return pipe
+
+
+def remove_var_attn(pipe):
+    """Restore the attention kernels ``apply_var_attn`` replaced. Returns ``pipe``."""
+    st = get_state(pipe)
+    if st is None or _ATTN not in st.applied:
+        return pipe
+    for m, old in st.saved.get(_ATTN, []):
+        m.backend = old
+    return _remove(pipe, _ATTN)
+
+
+def _attn_summary(pipe) -> dict:
+    mods = get_state(pipe).saved.get(_ATTN, [])
+    return {"backend": get_state(pipe).applied[_ATTN].backend, "attention_modules": len(mods)}
+
+
+register_technique(Technique(
+    name=_ATTN, config_cls=VARAttnConfig, parse=lambda a: VARAttnConfig((a or "sdpa").strip().lower()),
+    apply=apply_var_attn, remove=remove_var_attn, to_string=lambda c: f"{_ATTN}:{c.backend}", check=_attn_check,
+    families=_FAMILY, summary=_attn_summary,
+    help="attention kernel of a VAR transformer: sdpa (default), math or xformers (extra 'gpu')",
+    example="var-attn:sdpa",
+))
+
+
+# --------------------------------------------------------------------------------------------------
+# fastvar
+# --------------------------------------------------------------------------------------------------
+
+_FASTVAR = "fastvar"
+
+
+def _fastvar_check(pipe, adapter, config: FastVARConfig) -> None:
+    _check_family(pipe, adapter, "fastvar")
+    if not isinstance(config, FastVARConfig):
+        raise TypeError(f"apply_fastvar expects a FastVARConfig, got {type(config).__name__}")
+
+
+def apply_fastvar(pipe, config: FastVARConfig | None = None):
+    """Prune tokens at the last scales of every call of ``pipe`` (see :class:`FastVARConfig`). Returns ``pipe``."""
+    from ..adapters import get_adapter
+
+    config = config or FastVARConfig()
+    _fastvar_check(pipe, get_adapter(pipe), config)
+    remove_fastvar(pipe)
+    st = attach(pipe)
+    st.applied[_FASTVAR] = config
+    _add_call_hook(pipe, _FASTVAR, lambda p: {"prune": get_state(p).applied[_FASTVAR]})
+    return pipe
+
+
+def remove_fastvar(pipe):
+    """Undo :func:`apply_fastvar` (bit-exact). Returns ``pipe``."""
+    return _remove(pipe, _FASTVAR)
+
+
+def _fastvar_summary(pipe) -> dict:
+    sc = _scales(pipe)
+    pruned = [s for s in sc if s["tokens"] < s["of"]]
+    return {"pruned_scales": [s["scale"] for s in pruned],
+            "kept_tokens": {s["scale"]: f"{s['tokens']}/{s['of']}" for s in pruned}}
+
+
+def _fastvar_parse(args: str | None) -> FastVARConfig:
+    pos, kw = _kv(args)
+    base = FastVARConfig()
+    out: dict[str, Any] = {}
+    if pos:
+        first = pos[0].lower()
+        if first in FASTVAR_PRESETS:
+            base = FASTVAR_PRESETS[first]
+        else:
+            try:
+                out["ratio"] = float(first)
+            except ValueError:
+                raise ValueError(f"expected a pruning ratio in [0, 1) or a preset ({', '.join(FASTVAR_PRESETS)}), "
+                                 f"got {pos[0]!r}") from None
+        if len(pos) > 1:
+            raise ValueError(f"unexpected arguments {pos[1:]}; use key=value")
+    for k, v in kw.items():
+        if k == "ratio":
+            out["ratio"] = float(v)
+        elif k == "last":
+            out["last"] = _int(v, "last")
+        elif k == "ratios":
+            out["ratios"] = tuple(float(x) for x in v.split("/") if x)
+        elif k in ("metric", "fill"):
+            out[k] = v.lower()
+        else:
+            raise ValueError(f"unknown fastvar option {k!r}; keys: ratio, last, ratios, metric, fill")
+    return replace(base, **out)
+
+
+def _fastvar_string(c: FastVARConfig) -> str:
+    d = FastVARConfig()
+    parts = [f"{c.ratio:g}"]
+    if c.last != d.last:
+        parts.append(f"last={c.last}")
+    if c.ratios is not None:
+        parts.append("ratios=" + "/".join(f"{r:g}" for r in c.ratios))
+    if c.metric != d.metric:
+        parts.append(f"metric={c.metric}")
+    if c.fill != d.fill:
+        parts.append(f"fill={c.fill}")
+    return f"{_FASTVAR}:" + ",".join(parts)
+
+
+register_technique(Technique(
+    name=_FASTVAR, config_cls=FastVARConfig, parse=_fastvar_parse, apply=apply_fastvar, remove=remove_fastvar,
+    to_string=_fastvar_string, check=_fastvar_check, families=_FAMILY, summary=_fastvar_summary,
+    help="FastVAR token pruning at the last scales of a VAR, pruned positions filled from the previous scale",
+    example="fastvar:0.5",
+))
+
+
+# --------------------------------------------------------------------------------------------------
+# code (CoDe draft / refine)
+# --------------------------------------------------------------------------------------------------
+
+_CODE = "code"
+
+
+def load_refiner(spec: Any, pipe=None) -> VAR:
+    """Resolve :attr:`CoDeConfig.refiner` to a :class:`VAR` on ``pipe``'s device and dtype."""
+    if isinstance(spec, _ModuleRef):
+        return spec.module
+    if isinstance(spec, VAR):
+        return spec
+    if spec is None:
+        root = getattr(pipe, "name_or_path", None)
+        cand = Path(root) / "var_small" if root else None
+        if cand is None or not (cand / "config.json").is_file():
+            raise ValueError(
+                "CoDe needs a refiner: pass CoDeConfig(refiner=PATH_OR_VAR) or 'code:draft=N,refiner=PATH' "
+                f"(the pipeline's folder {root!r} has no var_small/ sub-folder)")
+        spec = cand
+    path = Path(spec)
+    from .train import load_module
+
+    if (path / "model_index.json").is_file():
+        path = path / "var"
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"CoDe refiner {spec!s}: no VAR folder (config.json + model.safetensors) there")
+    var = load_module(path)
+    if not isinstance(var, VAR):
+        raise ValueError(f"CoDe refiner {spec!s} holds a {type(var).__name__}, not a VAR")
+    if pipe is not None:
+        var.to(device=pipe.var.device, dtype=pipe.dtype)
+    return var
+
+
+def _code_check(pipe, adapter, config: CoDeConfig) -> None:
+    _check_family(pipe, adapter, "code")
+    if not isinstance(config, CoDeConfig):
+        raise TypeError(f"apply_code expects a CoDeConfig, got {type(config).__name__}")
+    K = len(pipe.var.patch_nums)
+    if not 0 < config.draft < K:
+        raise ValueError(f"code: draft must lie in [1, {K - 1}] for this {K}-scale model, got {config.draft}")
+
+
+def apply_code(pipe, config: CoDeConfig | None = None):
+    """Let ``pipe.var`` draft the first ``config.draft`` scales and a small refiner finish every call.
+    Returns ``pipe``."""
+    from ..adapters import get_adapter
+
+    config = config or CoDeConfig()
+    _code_check(pipe, get_adapter(pipe), config)
+    refiner = load_refiner(config.refiner, pipe)
+    pipe.var._check_refiner(refiner, config.draft)
+    remove_code(pipe)
+    st = attach(pipe)
+    st.applied[_CODE] = config
+    st.saved[_CODE] = refiner
+    _add_call_hook(pipe, _CODE, lambda p: {"refiner": get_state(p).saved[_CODE],
+                                           "draft_scales": get_state(p).applied[_CODE].draft})
+    return pipe
+
+
+def remove_code(pipe):
+    """Undo :func:`apply_code` (bit-exact). Returns ``pipe``."""
+    return _remove(pipe, _CODE)
+
+
+def _code_summary(pipe) -> dict:
+    st = get_state(pipe)
+    ref = st.saved.get(_CODE)
+    sc = _scales(pipe)
+    return {"draft_scales": [s["scale"] for s in sc if s["model"] == "main"],
+            "refined_scales": [s["scale"] for s in sc if s["model"] == "refiner"],
+            "refiner_params_m": round(sum(p.numel() for p in ref.parameters()) / 1e6, 3) if ref is not None else None,
+            "main_params_m": round(sum(p.numel() for p in pipe.var.parameters()) / 1e6, 3)}
+
+
+def _code_parse(args: str | None) -> CoDeConfig:
+    pos, kw = _kv(args)
+    out: dict[str, Any] = {}
+    if pos:
+        out["draft"] = _int(pos[0], "draft")
+    for k, v in kw.items():
+        if k == "draft":
+            out["draft"] = _int(v, "draft")
+        elif k == "refiner":
+            out["refiner"] = v
+        else:
+            raise ValueError(f"unknown code option {k!r}; keys: draft, refiner")
+    return CoDeConfig(**out)
+
+
+def _code_string(c: CoDeConfig) -> str:
+    s = f"{_CODE}:draft={c.draft}"
+    if isinstance(c.refiner, str):
+        s += f",refiner={c.refiner}"
+    return s
+
+
+register_technique(Technique(
+    name=_CODE, config_cls=CoDeConfig, parse=_code_parse, apply=apply_code, remove=remove_code,
+    to_string=_code_string, check=_code_check, families=_FAMILY, summary=_code_summary,
+    help="CoDe: the VAR drafts the first N scales, a small VAR on the same VQ-VAE refines the rest",
+    example="code:draft=4",
+))
+
+
+# --------------------------------------------------------------------------------------------------
+# cfg-share
+# --------------------------------------------------------------------------------------------------
+
+_SHARE = "cfg-share"
+
+
+def _share_check(pipe, adapter, config: CFGShareConfig) -> None:
+    _check_family(pipe, adapter, "cfg-share")
+    if not isinstance(config, CFGShareConfig):
+        raise TypeError(f"apply_cfg_share expects a CFGShareConfig, got {type(config).__name__}")
+
+
+def apply_cfg_share(pipe, config: CFGShareConfig | None = None):
+    """Skip the unconditional branch at late scales of every call (see :class:`CFGShareConfig`). Returns ``pipe``."""
+    from ..adapters import get_adapter
+
+    config = config or CFGShareConfig()
+    _share_check(pipe, get_adapter(pipe), config)
+    remove_cfg_share(pipe)
+    st = attach(pipe)
+    st.applied[_SHARE] = config
+    _add_call_hook(pipe, _SHARE, lambda p: {"cfg_share": get_state(p).applied[_SHARE]})
+    return pipe
+
+
+def remove_cfg_share(pipe):
+    """Undo :func:`apply_cfg_share` (bit-exact). Returns ``pipe``."""
+    return _remove(pipe, _SHARE)
+
+
+def _share_summary(pipe) -> dict:
+    return {"uncond_skipped_scales": [s["scale"] for s in _scales(pipe) if not s["uncond"]]}
+
+
+def _share_parse(args: str | None) -> CFGShareConfig:
+    pos, kw = _kv(args)
+    out: dict[str, Any] = {}
+    if pos:  # "cfg-share:2" = the last two scales
+        n = _int(pos[0], "the number of final scales")
+        if n < 1:
+            raise ValueError(f"the number of final scales must be >= 1, got {n}")
+        out["start"] = -n
+    for k, v in kw.items():
+        if k in ("start", "every"):
+            out[k] = _int(v, k)
+        elif k == "mode":
+            out["mode"] = v.lower()
+        else:
+            raise ValueError(f"unknown cfg-share option {k!r}; keys: start, every, mode")
+    return CFGShareConfig(**out)
+
+
+def _share_string(c: CFGShareConfig) -> str:
+    d = CFGShareConfig()
+    parts = [f"start={c.start}"]
+    if c.every != d.every:
+        parts.append(f"every={c.every}")
+    if c.mode != d.mode:
+        parts.append(f"mode={c.mode}")
+    return f"{_SHARE}:" + ",".join(parts)
+
+
+register_technique(Technique(
+    name=_SHARE, config_cls=CFGShareConfig, parse=_share_parse, apply=apply_cfg_share, remove=remove_cfg_share,
+    to_string=_share_string, check=_share_check, families=_FAMILY, summary=_share_summary,
+    help="CFG-pair sharing: skip the unconditional branch at late VAR scales (no guidance there, or reuse the last)",
+    example="cfg-share:start=-2",
+))
