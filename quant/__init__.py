@@ -9,10 +9,16 @@
   sizes only); CLI ``python -m quant.qalora``.
 * :func:`apply_ptq` / :class:`PTQConfig`: the plain PTQ baseline; :func:`quantize`: one call (recipe use).
 * :func:`merge`, :func:`save`, :func:`load`: integer weights + scales + per-timestep activation tables in
-  safetensors, for a later real-kernel deployment step (torchao / ExecuTorch are not in this package).
+  safetensors.
+* :func:`to_int8` / :func:`remove_int8`: **real int8 kernels** (``torch._int_mm`` or torchao) for the
+  denoiser's Linear layers, dynamic or static with the learned per-timestep scales, ``torch.compile``'d
+  (:mod:`quant.deploy`; speed: ``python -m quant.bench_int8``).
+* :func:`export_executorch` / :func:`export_onnx`: mobile export (XNNPACK ``.pte`` with 8-bit dynamic
+  activations and 8/4-bit weights; ONNX QDQ int8 and ``.ort``), run back and compared (:mod:`quant.export`).
 
 Reference: He et al., *EfficientDM: Efficient Quantization-Aware Fine-Tuning of Low-Bit Diffusion Models*,
-ICLR 2024 (arXiv 2310.03270). Real low-bit kernels are not here: everything is fake quantization in float.
+ICLR 2024 (arXiv 2310.03270). QALoRA itself is fake quantization in float; :mod:`quant.deploy` and
+:mod:`quant.export` run the result on real integer kernels.
 """
 
 import importlib
@@ -30,6 +36,9 @@ _EXPORTS: dict[str, str] = {
                      "plan_layers", "qalora_layers", "qalora_state", "qalora_summary", "quant_mode", "quantized_state",
                      "remove_qalora"], "qalora"),
     **dict.fromkeys(["ActQuantizer", "WeightQuantizer"], "quantizers"),
+    **dict.fromkeys(["Int8Config", "Int8Linear", "to_int8", "remove_int8", "is_int8", "int8_summary", "weight_memory",
+                     "capture_denoiser_inputs", "capture_denoiser_calls"], "deploy"),
+    **dict.fromkeys(["ExportReport", "ExportError", "export_executorch", "export_onnx"], "export"),
     **dict.fromkeys(["FinetuneConfig", "QALoRATrainer", "distillation_error", "finetune_qalora"], "trainer"),
 }
 
@@ -54,6 +63,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from .qalora import (DEFAULT_KEEP_FP, FIRST_LAST_LAYERS, MODULATION_LAYERS, LayerSpec, QALoRAConfig, QALoRALayer,
                          QuantContext, apply_qalora, get_denoiser, is_quantized, merge, plan_layers, qalora_layers,
                          qalora_state, qalora_summary, quant_mode, quantized_state, remove_qalora)
+    from .deploy import (Int8Config, Int8Linear, capture_denoiser_calls, capture_denoiser_inputs, int8_summary, is_int8,
+                         remove_int8, to_int8, weight_memory)
+    from .export import ExportError, ExportReport, export_executorch, export_onnx
     from .quantizers import ActQuantizer, WeightQuantizer
     from .trainer import FinetuneConfig, QALoRATrainer, distillation_error, finetune_qalora
 
@@ -64,6 +76,9 @@ __all__ = [
     "qalora_summary", "quant_mode", "capture_calibration", "calibrate", "finetune_qalora", "distillation_error",
     "apply_ptq", "remove_ptq", "quantize", "merge", "quantized_state", "save", "load", "read_header",
     "DEFAULT_KEEP_FP", "FIRST_LAST_LAYERS", "MODULATION_LAYERS", "DEFAULT_PROMPTS",
+    "Int8Config", "Int8Linear", "to_int8", "remove_int8", "is_int8", "int8_summary", "weight_memory",
+    "capture_denoiser_inputs", "capture_denoiser_calls", "ExportReport", "ExportError", "export_executorch",
+    "export_onnx",
 ]
 
 assert set(__all__) == set(_EXPORTS), sorted(set(__all__) ^ set(_EXPORTS))

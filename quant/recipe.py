@@ -12,6 +12,10 @@
 
 Everything is fake quantization in float (accuracy, not speed); ``fastgen.remove`` restores the
 pipeline bit-exactly.
+
+``"int8"``, ``"int8:dynamic"``, ``"int8:static"`` (options ``torchao``, ``eager``, ``fp``, ``mod``: see
+:meth:`quant.Int8Config.from_string`) put **real int8 kernels** on the denoiser's Linear layers
+(:func:`quant.to_int8`); ``"qalora:w8a8+int8:static"`` deploys a QALoRA model with its learned scales.
 """
 
 from __future__ import annotations
@@ -20,9 +24,11 @@ from pathlib import Path
 from fastgen.hooks import attach, detach_if_empty, get_state
 from fastgen.registry import Technique, register_technique
 
+from .deploy import Int8Config
 from .qalora import QALoRAConfig, qalora_summary, remove_qalora
 
-__all__ = ["CALIBRATION_PROMPTS", "CALIBRATION_STEPS", "apply_qalora_recipe", "remove_qalora_recipe"]
+__all__ = ["CALIBRATION_PROMPTS", "CALIBRATION_STEPS", "apply_qalora_recipe", "remove_qalora_recipe", "apply_int8_recipe",
+           "remove_int8_recipe"]
 
 _NAME = "qalora"
 #: Prompts and steps of the recipe's quick calibration (when no fine-tuned file is shipped).
@@ -94,4 +100,81 @@ register_technique(Technique(
     help="low-bit quantization of the denoiser (EfficientDM QALoRA; fake-quant; PTQ-calibrated unless a "
          "fine-tuned file is shipped)",
     example="qalora:w8a8",
+))
+
+
+# --------------------------------------------------------------------------------------------------
+# "int8": real int8 kernels (quant.deploy)
+# --------------------------------------------------------------------------------------------------
+
+_INT8 = "int8"
+
+
+def apply_int8_recipe(pipe, config=None):
+    """Convert ``pipe``'s denoiser Linear layers to real int8 kernels (:func:`quant.to_int8`).
+
+    ``int8:static`` on a pipeline that is not QALoRA/PTQ-quantized first runs the same quick data-free
+    calibration as the ``qalora`` recipe (W8A8 PTQ, :data:`CALIBRATION_PROMPTS` prompts at
+    :data:`CALIBRATION_STEPS` steps) and uses its per-timestep activation tables; after ``qalora:...`` in
+    the same recipe (``"qalora:w8a8+int8:static"``) it uses that model's tables and integer weights.
+    """
+    from .calibration import capture_calibration
+    from .deploy import _STATE, to_int8
+    from .ptq import quantize
+    from .qalora import get_denoiser, is_quantized
+
+    config = config or Int8Config()
+    st = get_state(pipe)
+    if st is not None and _INT8 in st.applied:
+        remove_int8_recipe(pipe)
+    own = False
+    if config.mode == "static" and not is_quantized(pipe):
+        from fastgen.zoo import shapes
+
+        prompts = None if _class_conditional(pipe) else shapes.sample_prompts(CALIBRATION_PROMPTS, 123)
+        calib = capture_calibration(pipe, prompts, num_inference_steps=CALIBRATION_STEPS,
+                                    batch_size=CALIBRATION_PROMPTS)
+        quantize(pipe, QALoRAConfig(w_bits=8, a_bits=8, rank=0, eight_bit=()), calibration=calib)
+        own = True
+    try:
+        to_int8(pipe, config)
+    except BaseException:
+        if own:
+            remove_qalora(pipe)
+        raise
+    getattr(get_denoiser(pipe), _STATE).extra["own_qalora"] = own
+    st = attach(pipe)
+    st.applied[_INT8] = config
+    return pipe
+
+
+def remove_int8_recipe(pipe):
+    """Undo :func:`apply_int8_recipe` (bit-exact; also removes the calibration it made itself)."""
+    from .deploy import _STATE, remove_int8
+    from .qalora import get_denoiser
+
+    ist = getattr(get_denoiser(pipe), _STATE, None)
+    own = bool(ist is not None and ist.extra.get("own_qalora"))
+    remove_int8(pipe)
+    if own:
+        remove_qalora(pipe)
+    st = get_state(pipe)
+    if st is not None:
+        st.applied.pop(_INT8, None)
+        detach_if_empty(pipe)
+    return pipe
+
+
+def _int8_summary(pipe):
+    from .deploy import int8_summary
+
+    return int8_summary(pipe)
+
+
+register_technique(Technique(
+    name=_INT8, config_cls=Int8Config, parse=Int8Config.from_string, apply=apply_int8_recipe,
+    remove=remove_int8_recipe, to_string=lambda c: f"{_INT8}:{c.to_string()}", summary=_int8_summary,
+    help="real int8 kernels for the denoiser's Linear layers (torch._int_mm / torchao; dynamic per-token or "
+         "static learned per-timestep activation scales; torch.compile'd blocks)",
+    example="int8:dynamic",
 ))
