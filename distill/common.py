@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from fastgen.errors import UnsupportedPipelineError
-from fastgen.utils.logging import get_logger
+from fastgen.utils.io import torch_save_atomic
+from fastgen.utils.logging import get_logger, log_to_stderr_with_time
 
 from .models import GuidanceSD3Transformer2DModel, guidance_embedding
 
@@ -719,11 +720,7 @@ class DistillTrainer:
 
     def save_checkpoint(self) -> Path:
         """Write ``OUT/checkpoint.pt`` atomically (temp file, then ``os.replace``)."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        path, tmp = self.out / "checkpoint.pt", self.out / "checkpoint.pt.tmp"
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)
-        return path
+        return torch_save_atomic(self.state_dict(), self.out / "checkpoint.pt")
 
     def resume(self) -> bool:
         """Load ``OUT/checkpoint.pt`` if present; returns whether it did."""
@@ -940,14 +937,7 @@ def config_from_args(cls: type, args) -> DistillConfig:
 
 
 def setup_cli_logging(threads: int | None) -> None:
-    import logging
-    import sys
-
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-    log = get_logger("fastgen")
-    log.handlers[:] = [handler]
-    log.setLevel(logging.INFO)
+    log_to_stderr_with_time()
     if threads:
         torch.set_num_threads(int(threads))
 

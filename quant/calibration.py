@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import torch
 
 from fastgen.hooks import add_hook, remove_hook
+from fastgen.utils.io import torch_save_atomic
 from fastgen.utils.logging import get_logger
 
 from .qalora import _TIMESTEP_NAMES, _require, get_denoiser, quant_mode, qalora_layers, _timestep_values
@@ -98,14 +99,9 @@ class CalibrationSet:
 
     def save(self, path: str | os.PathLike) -> Path:
         """``torch.save`` atomically (tmp file + ``os.replace``)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save({"format": "fastgen-calibration-v1", "meta": self.meta,
-                    "records": [{"kwargs": r.kwargs, "timesteps": r.timesteps, "output": r.output}
-                                for r in self.records]}, tmp)
-        os.replace(tmp, path)
-        return path
+        return torch_save_atomic({"format": "fastgen-calibration-v1", "meta": self.meta,
+                                  "records": [{"kwargs": r.kwargs, "timesteps": r.timesteps, "output": r.output}
+                                              for r in self.records]}, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "CalibrationSet":

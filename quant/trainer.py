@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,7 +41,8 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from fastgen.utils.logging import get_logger
+from fastgen.utils.io import torch_save_atomic
+from fastgen.utils.logging import get_logger, log_to_stderr_with_time
 
 from .calibration import CalibrationSet, calibrate, capture_calibration, first_tensor, replay
 from .qalora import (QALoRAConfig, _require, apply_qalora, get_denoiser, qalora_layers, qalora_state, quant_mode,
@@ -335,10 +335,7 @@ class QALoRATrainer:
         """Write ``OUT/checkpoint.pt`` atomically (tmp file then ``os.replace``)."""
         if self.out is None:
             raise RuntimeError("this trainer has no output folder")
-        self.out.mkdir(parents=True, exist_ok=True)
-        path, tmp = self.out / "checkpoint.pt", self.out / "checkpoint.pt.tmp"
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)
+        path = torch_save_atomic(self.state_dict(), self.out / "checkpoint.pt")
         hist_tmp = self.out / "history.jsonl.tmp"
         with open(hist_tmp, "w") as f:
             for row in self.history:
@@ -528,13 +525,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
 
-    import logging
-
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-    log = get_logger("fastgen")
-    log.handlers[:] = [handler]
-    log.setLevel(logging.INFO)
+    log_to_stderr_with_time()
     torch.set_num_threads(max(1, args.threads))
 
     device = torch.device("cpu")

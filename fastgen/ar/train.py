@@ -59,7 +59,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastgen.utils.logging import get_logger
+from fastgen.utils.io import torch_save_atomic
+from fastgen.utils.logging import get_logger, log_to_stderr_with_time
 
 from .var import VAR, VARConfig, build_and_load, read_checkpoint
 from .vqvae import VQVAE, VQVAEConfig
@@ -360,11 +361,7 @@ class _Trainer:
 
     def save_checkpoint(self) -> Path:
         """Write ``OUT/checkpoint.pt`` atomically."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        path, tmp = self.out / "checkpoint.pt", self.out / "checkpoint.pt.tmp"
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)
-        return path
+        return torch_save_atomic(self.state_dict(), self.out / "checkpoint.pt")
 
     def resume(self) -> bool:
         """Load ``OUT/checkpoint.pt`` if present; returns whether it did."""
@@ -754,13 +751,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="export: the best evaluation (default) or the last one")
     args = ap.parse_args(argv)
 
-    import logging
-
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-    log = get_logger("fastgen")
-    log.handlers[:] = [handler]
-    log.setLevel(logging.INFO)
+    log_to_stderr_with_time()
     torch.set_num_threads(max(1, args.threads))
 
     if args.stage == "export":

@@ -57,3 +57,13 @@ class quiet_diffusers:
     def __exit__(self, *exc):
         self._dlog.set_verbosity(self._level)
         return False
+
+
+def log_to_stderr_with_time() -> None:
+    """For training CLIs: fastgen's loggers at INFO on stderr, each line stamped ``HH:MM:SS``."""
+    _configure()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    root = logging.getLogger(_ROOT)
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)

@@ -48,7 +48,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -59,9 +58,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastgen.utils.logging import get_logger, quiet_diffusers
+from fastgen.utils.io import torch_save_atomic
+from fastgen.utils.logging import get_logger, log_to_stderr_with_time, quiet_diffusers
 from fastgen.zoo import DEFAULTS, MODELS, shapes
-from fastgen.zoo.attention import SD3_ZERO_TOKENS, CollapsedZerosJointAttnProcessor, use_collapsed_zeros
+from fastgen.zoo.attention import CollapsedZerosJointAttnProcessor, use_collapsed_zeros
 
 __all__ = [
     "MODELS", "ARCH", "DEFAULTS", "TrainConfig", "Trainer", "build_pipeline", "identity_vae", "word_tokenizer",
@@ -564,12 +564,7 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         """Write ``OUT/checkpoint.pt`` atomically (tmp file then ``os.replace``)."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        path = self.out / "checkpoint.pt"
-        tmp = self.out / "checkpoint.pt.tmp"
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)
-        return path
+        return torch_save_atomic(self.state_dict(), self.out / "checkpoint.pt")
 
     def resume(self) -> bool:
         """Load ``OUT/checkpoint.pt`` if present; returns whether it did."""
@@ -806,13 +801,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fp16", action="store_true", help="with --export: store float16 weights")
     args = ap.parse_args(argv)
 
-    import logging
-
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-    log = get_logger("fastgen")
-    log.handlers[:] = [handler]
-    log.setLevel(logging.INFO)
+    log_to_stderr_with_time()
     torch.set_num_threads(max(1, args.threads))
 
     if args.export:
