@@ -160,3 +160,9 @@ def test_demo_and_bench_default_to_the_zoo_model_with_evaluator_scores(tmp_path,
         assert "score_color" in r
     monkeypatch.setattr(zoo, "WEIGHTS_DIR", tmp_path / "none")
     assert cli._default_model() == cli.FALLBACK_MODEL
+
+
+def test_demo_on_an_ar_zoo_model_is_one_clear_error(capsys):
+    assert main(["demo", "--model", "digits-var", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "next-scale AR model" in err and "fastgen.ar.evaluate" in err and "Traceback" not in err
