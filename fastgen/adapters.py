@@ -13,7 +13,7 @@ import torch
 
 from .errors import UnsupportedPipelineError
 
-__all__ = ["Adapter", "ADAPTERS", "get_adapter", "supported_pipelines"]
+__all__ = ["Adapter", "ADAPTERS", "DIFFUSION_FAMILIES", "get_adapter", "supported_pipelines"]
 
 
 @dataclass(frozen=True)
@@ -118,6 +118,11 @@ ADAPTERS: tuple[Adapter, ...] = (
     # only the techniques of fastgen.ar.accel (family "var") apply to it
     Adapter("var", ("VARPipeline",), "var", ("VAR",), ("blocks",), prediction="tokens", conditioning="class"),
 )
+
+
+#: Families of the diffusion pipelines (everything but next-scale AR): the reach of step-count and sampler
+#: techniques.
+DIFFUSION_FAMILIES: tuple[str, ...] = tuple(a.family for a in ADAPTERS if a.prediction != "tokens")
 
 
 def supported_pipelines() -> list[str]:

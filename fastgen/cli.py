@@ -469,6 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .utils.logging import quiet_import_noise
+
+    quiet_import_noise()
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "model", "") is None:

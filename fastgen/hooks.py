@@ -31,7 +31,7 @@ from .utils.logging import get_logger
 
 logger = get_logger(__name__)
 
-__all__ = ["CallState", "PipelineState", "add_hook", "remove_hook", "attach", "detach_if_empty", "get_state"]
+__all__ = ["CallState", "PipelineState", "HookBase", "add_hook", "remove_hook", "attach", "detach_if_empty", "get_state"]
 
 _STATE_ATTR = "_fastgen"
 _COUNTER_HOOK = "fastgen_step_counter"
@@ -144,13 +144,17 @@ class PipelineState:
     counter_on: torch.nn.Module | None = None
 
 
-class _StepCounterHook:
-    """A diffusers ``ModelHook`` on the denoiser that feeds :class:`CallState` (timestep -> step index)."""
+class HookBase:
+    """The diffusers ``ModelHook`` protocol with its no-op defaults, for fastgen's own hooks.
+
+    Same methods as ``diffusers.hooks.ModelHook`` (which :func:`add_hook` registers through ``HookRegistry``),
+    without importing ``diffusers.hooks`` when fastgen is imported (it pulls in every quantization backend
+    transformers knows). Subclasses override ``pre_forward``/``post_forward`` or define ``new_forward``.
+    """
 
     _is_stateful = False
 
-    def __init__(self, state: PipelineState):
-        self.state = state
+    def __init__(self):
         self.fn_ref = None
 
     def initialize_hook(self, module):
@@ -159,11 +163,10 @@ class _StepCounterHook:
     def deinitalize_hook(self, module):  # diffusers' spelling
         return module
 
+    def detach_hook(self, module):
+        return module
+
     def pre_forward(self, module, *args, **kwargs):
-        t = kwargs.get("timestep", kwargs.get("timesteps"))
-        if t is None and len(args) > 1:
-            t = args[1]
-        self.state.call.on_denoiser_call(t)
         return args, kwargs
 
     def post_forward(self, module, output):
@@ -171,6 +174,21 @@ class _StepCounterHook:
 
     def reset_state(self, module):
         return module
+
+
+class _StepCounterHook(HookBase):
+    """A diffusers ``ModelHook`` on the denoiser that feeds :class:`CallState` (timestep -> step index)."""
+
+    def __init__(self, state: PipelineState):
+        super().__init__()
+        self.state = state
+
+    def pre_forward(self, module, *args, **kwargs):
+        t = kwargs.get("timestep", kwargs.get("timesteps"))
+        if t is None and len(args) > 1:
+            t = args[1]
+        self.state.call.on_denoiser_call(t)
+        return args, kwargs
 
 
 _WRAPPED_CLASSES: dict[type, type] = {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .hooks import attach, detach_if_empty, get_state
+from .adapters import DIFFUSION_FAMILIES
 from .registry import Technique, register_technique
 
 __all__ = ["StepsConfig", "apply_steps", "remove_steps"]
@@ -67,6 +68,6 @@ def _parse(args: str | None) -> StepsConfig:
 
 register_technique(Technique(
     name=_NAME, config_cls=StepsConfig, parse=_parse, apply=apply_steps, remove=remove_steps,
-    to_string=lambda c: f"steps:{c.num_inference_steps}",
+    to_string=lambda c: f"steps:{c.num_inference_steps}", families=DIFFUSION_FAMILIES,
     help="the pipeline's own sampler at N steps (the control row every accelerator must beat)", example="steps:8",
 ))

@@ -482,7 +482,6 @@ def _sources(model: nn.Module, config: Int8Config) -> tuple[dict[str, dict[str, 
     qst = qalora_state(model)
     out: dict[str, dict[str, Any]] = {}
     if qst is not None and config.from_qalora:
-        keys = list(qst.ctx.keys) if qst.config.per_timestep_act else []
         if config.mode == "static" and qst.config.a_bits is not None and not qst.ctx.calibrated:
             raise RuntimeError("the QALoRA activation tables are not calibrated: run quant.calibrate(pipe, calib) "
                                "(or quant.quantize / quant.load) before to_int8(mode='static')")

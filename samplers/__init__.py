@@ -20,7 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from fastgen.hooks import add_hook, attach, detach_if_empty, get_state, remove_hook
+from fastgen.adapters import DIFFUSION_FAMILIES
+from fastgen.hooks import HookBase, add_hook, attach, detach_if_empty, get_state, remove_hook
 from fastgen.registry import Technique, register_technique
 from fastgen.utils.logging import get_logger
 
@@ -170,10 +171,8 @@ class SamplerConfig:
 _SKIP_HOOK = "fastgen_lpl_skip"
 
 
-class _LeapSkipHook:
+class _LeapSkipHook(HookBase):
     """Denoiser hook: once the scheduler has leapt to the end, return the cached output instead of running."""
-
-    _is_stateful = False
 
     def __init__(self, scheduler):
         self.scheduler = scheduler
@@ -181,27 +180,12 @@ class _LeapSkipHook:
         self.cached = None
         self.skipped = 0
 
-    def initialize_hook(self, module):
-        return module
-
-    def deinitalize_hook(self, module):  # diffusers' spelling
-        return module
-
     def new_forward(self, module, *args, **kwargs):
         if self.scheduler.leaped and self.cached is not None:
             self.skipped += 1
             return self.cached
         self.cached = self.fn_ref.original_forward(*args, **kwargs)
         return self.cached
-
-    def pre_forward(self, module, *args, **kwargs):
-        return args, kwargs
-
-    def post_forward(self, module, output):
-        return output
-
-    def reset_state(self, module):
-        return module
 
 
 def _on_call(pipe, kwargs: dict) -> dict:
@@ -272,11 +256,13 @@ def _summary(pipe) -> dict:
 
 
 def _check(pipe, adapter, config: SamplerConfig) -> None:
+    if adapter.family not in DIFFUSION_FAMILIES:  # accelerate() names the supported families
+        return
     make_scheduler(config.name, pipe.scheduler)
 
 
 register_technique(Technique(
     name=_NAME, config_cls=SamplerConfig, parse=_parse, apply=set_sampler, remove=remove_sampler, check=_check, summary=_summary,
-    to_string=lambda c: f"sampler:{c.name}" + (f"@{c.steps}" if c.steps else ""),
+    to_string=lambda c: f"sampler:{c.name}" + (f"@{c.steps}" if c.steps else ""), families=DIFFUSION_FAMILIES,
     help="few-step sampler: " + ", ".join(list()), example="sampler:dpm++2m@8",
 ))

@@ -11,7 +11,7 @@ import torch
 
 import fastgen
 from fastgen.ar import VAR, VARConfig, VQVAE, VQVAEConfig, load_official
-from fastgen.ar.accel import CFGShareConfig, CoDeConfig, FastVARConfig, VARAttnConfig
+from fastgen.ar.accel import CFGShareConfig, CoDeConfig, FastVARConfig
 from fastgen.ar.pipeline import VARPipeline
 from fastgen.ar.var import block_causal_buffers, filter_top_k_top_p, hmar_official_to_fastgen, scale_contributions
 from fastgen.errors import MissingExtraError, RecipeError, UnsupportedPipelineError
@@ -208,6 +208,10 @@ def test_var_family_adapter_and_summary(pipe):
     assert s == {"pipeline": "VARPipeline", "family": "var", "recipe": "baseline", "techniques": {}, "last_call": None}
     with pytest.raises(UnsupportedPipelineError, match="RAS does not support VARPipeline"):
         fastgen.accelerate(pipe, "ras:0.5")
+    for recipe in ("steps:8", "sampler:dpm++2m@8"):  # diffusion step counts mean nothing to next-scale AR
+        with pytest.raises(UnsupportedPipelineError, match="VARPipeline"):
+            fastgen.accelerate(pipe, recipe)
+    assert fastgen.summary(pipe)["recipe"] == "baseline"
 
 
 def _roundtrip(pipe, config_or_recipe, expect_change=True):

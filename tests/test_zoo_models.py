@@ -120,6 +120,31 @@ def test_train_checkpoint_resume_is_exact(model, tmp_path):
         d.resume()
 
 
+def test_cooldown_schedule_scales_the_optimizer_lr(tmp_path):
+    """Warmup-stable-decay: lr constant until the last ``cooldown`` minutes, then linear down to the floor."""
+    assert T.cooldown_factor(0.1, 0.4) == 1.0
+    assert T.cooldown_factor(0.8, 0.4) == pytest.approx(0.5)
+    assert T.cooldown_factor(1.0, 0.4) == pytest.approx(0.05)
+    assert T.cooldown_factor(0.99, 0.0) == 1.0
+    assert T._progress(30, 100, 10, None) == pytest.approx(0.3)
+    assert T._progress(30, 100, 50, 100) == pytest.approx(0.5) and T._progress(30, None, 10, 100) == pytest.approx(0.1)
+    tr = T.Trainer(_cfg("shapes-mmdit"), tmp_path)  # warmup 2: step 0 runs at half lr
+    tr.lr_scale = 0.25
+    tr.train_step()
+    assert tr.opt.param_groups[0]["lr"] == pytest.approx(0.25 * 0.5 * tr.cfg.lr)
+
+
+def test_min_snr_weighting_of_the_unet_loss(tmp_path):
+    """Min-SNR-gamma: a gamma above every SNR is the plain MSE; a small gamma only lowers the loss."""
+    plain = T.Trainer(_cfg("shapes-unet", snr_gamma=0.0), tmp_path / "a")
+    huge = T.Trainer(_cfg("shapes-unet", snr_gamma=1e12), tmp_path / "b")
+    small = T.Trainer(_cfg("shapes-unet", snr_gamma=0.5), tmp_path / "c")
+    with torch.no_grad():
+        lp, lh, ls = plain.loss(3), huge.loss(3), small.loss(3)
+    torch.testing.assert_close(lp, lh)
+    assert float(ls) < float(lp)
+
+
 def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path):
     """A kill (SIGTERM) mid-run stops after the current step with a checkpoint; resuming matches a straight run."""
     import signal

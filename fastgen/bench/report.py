@@ -85,13 +85,12 @@ def plot_pareto(rows: list[dict], path: str, quality: str = "psnr") -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = []
-    for r in rows:
-        q = r.get(quality)
-        if q is None or r.get("speedup") is None:
-            continue
-        q = 60.0 if (isinstance(q, float) and math.isinf(q)) else float(q)  # identical images: plot at the top
-        pts.append((float(r["speedup"]), q, r["recipe"]))
+    raw = [(float(r["speedup"]), float(r[quality]), r["recipe"]) for r in rows
+           if r.get(quality) is not None and r.get("speedup") is not None]
+    finite = [q for _, q, _ in raw if math.isfinite(q)]
+    # identical images (infinite PSNR) plot just above the best finite value, so the axis stays readable
+    top = max([60.0] + [q + 5.0 for q in finite]) if quality == "psnr" else 1.0
+    pts = [(x, q if math.isfinite(q) else top, label) for x, q, label in raw]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     if pts:
         ax.scatter([p[0] for p in pts], [p[1] for p in pts])
@@ -106,7 +105,7 @@ def plot_pareto(rows: list[dict], path: str, quality: str = "psnr") -> str:
         ax.plot([p[0] for p in front], [p[1] for p in front], "--", alpha=0.6, label="Pareto front")
         ax.legend(fontsize=7)
     ax.set_xlabel("speedup vs baseline (x)")
-    ax.set_ylabel(quality + (" (dB; identical = 60)" if quality == "psnr" else ""))
+    ax.set_ylabel(quality + (f" (dB; identical = {top:.0f})" if quality == "psnr" else ""))
     ax.set_title(f"{rows[0].get('model') if rows else ''}: speed vs quality", fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UnsupportedPipelineError
-from ..hooks import add_hook, attach, detach_if_empty, get_state, remove_hook
+from ..hooks import HookBase, add_hook, attach, detach_if_empty, get_state, remove_hook
 from ..registry import Technique, register_technique
 from ..utils.logging import get_logger
 
@@ -197,28 +197,7 @@ def _deep_modules(unet, branch: int) -> list[tuple[str, torch.nn.Module]]:
     return out
 
 
-class _HookBase:
-    """The parts of a diffusers ``ModelHook`` every fastgen cache hook shares."""
-
-    _is_stateful = False
-
-    def __init__(self):
-        self.fn_ref = None
-
-    def initialize_hook(self, module):
-        return module
-
-    def deinitalize_hook(self, module):  # diffusers' spelling
-        return module
-
-    def pre_forward(self, module, *args, **kwargs):
-        return args, kwargs
-
-    def post_forward(self, module, output):
-        return output
-
-    def reset_state(self, module):
-        return module
+_HookBase = HookBase  # blockcache and anchors import it from here
 
 
 class _StepTracker:

@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import IncompatibleTechniquesError, UnsupportedPipelineError
-from ..hooks import add_hook, attach, detach_if_empty, get_state, remove_hook
+from ..hooks import HookBase, add_hook, attach, detach_if_empty, get_state, remove_hook
 from ..registry import Technique, register_technique
 from ..utils.logging import get_logger
 from ._tokens import flat_rows, gather_rows, image_to_tokens, scatter_rows, scatter_rows_, tokens_to_image
@@ -545,27 +545,10 @@ class _Runtime:
 # Hooks (diffusers ModelHook protocol)
 # --------------------------------------------------------------------------------------------------
 
-class _Hook:
-    _is_stateful = False
-
+class _Hook(HookBase):
     def __init__(self, rt: _Runtime):
         self.rt = rt
         self.fn_ref = None
-
-    def initialize_hook(self, module):
-        return module
-
-    def deinitalize_hook(self, module):  # diffusers' spelling
-        return module
-
-    def pre_forward(self, module, *args, **kwargs):
-        return args, kwargs
-
-    def post_forward(self, module, output):
-        return output
-
-    def reset_state(self, module):
-        return module
 
 
 class _DenoiserHook(_Hook):
@@ -740,7 +723,7 @@ def _flux_sparse(ctx: _Ctx, rotary, t: int):
     key = ("flux", t)
     if key not in ctx.memo:
         cos, sin = rotary  # [t + N, D]
-        b, k, n = ctx.b, ctx.k, ctx.n
+        b, n = ctx.b, ctx.n
         img = ctx.idx + t  # [B, k]
         pos = torch.cat([torch.arange(t, device=img.device).expand(b, t), img], dim=1)  # [B, t+k]
         cos_s, sin_s = cos.to(img.device)[pos], sin.to(img.device)[pos]

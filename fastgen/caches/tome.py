@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import UnsupportedPipelineError
-from ..hooks import add_hook, attach, detach_if_empty, get_state, remove_hook
+from ..hooks import HookBase, add_hook, attach, detach_if_empty, get_state, remove_hook
 from ..registry import Technique, register_technique
 from ..utils.logging import get_logger
 
@@ -259,19 +259,11 @@ def _wrapper_class(inner_cls: type) -> type:
     return _WRAPPERS[inner_cls]
 
 
-class _FFHook:
+class _FFHook(HookBase):
     """Merge around a feed-forward module (diffusers hook): tokens in, merged rows through, unmerged out."""
-
-    _is_stateful = False
 
     def __init__(self, merger: _Merger, key: str):
         self.merger, self.key, self.fn_ref = merger, key, None
-
-    def initialize_hook(self, module):
-        return module
-
-    def deinitalize_hook(self, module):
-        return module
 
     def new_forward(self, module, hidden_states, *args, **kwargs):
         m = self.merger.matching(hidden_states, self.key) if hidden_states.ndim == 3 else None
@@ -279,41 +271,18 @@ class _FFHook:
             return self.fn_ref.original_forward(hidden_states, *args, **kwargs)
         return m.unmerge(self.fn_ref.original_forward(m.merge(hidden_states), *args, **kwargs))
 
-    def pre_forward(self, module, *args, **kwargs):
-        return args, kwargs
 
-    def post_forward(self, module, output):
-        return output
-
-    def reset_state(self, module):
-        return module
-
-
-class _SizeHook:
+class _SizeHook(HookBase):
     """Records the call's top-level token grid from the denoiser input (B, C, H, W)."""
-
-    _is_stateful = False
 
     def __init__(self, state: _ToMeState, patch: int):
         self.st, self.patch, self.fn_ref = state, patch, None
-
-    def initialize_hook(self, module):
-        return module
-
-    def deinitalize_hook(self, module):
-        return module
 
     def pre_forward(self, module, *args, **kwargs):
         x = kwargs.get("hidden_states", kwargs.get("sample", args[0] if args else None))
         if isinstance(x, torch.Tensor) and x.ndim == 4:
             self.st.grid = (x.shape[-2] // self.patch, x.shape[-1] // self.patch)
         return args, kwargs
-
-    def post_forward(self, module, output):
-        return output
-
-    def reset_state(self, module):
-        return module
 
 
 def _targets(pipe, adapter, cfg: ToMeConfig) -> list[tuple[str, torch.nn.Module, str]]:

@@ -59,9 +59,22 @@ class quiet_diffusers:
         return False
 
 
+#: Third-party loggers that speak up when an optional backend is merely imported (``diffusers.hooks`` imports
+#: every quantization backend transformers knows): torchao's "Failed to load <cuda kernel>.so" on CPU
+#: machines and torch's pytree deprecation notices for torchao's enums.
+_IMPORT_NOISE = ("torchao", "torch.utils._pytree")
+
+
+def quiet_import_noise() -> None:
+    """Raise the import-time-noisy third-party loggers (:data:`_IMPORT_NOISE`) to ERROR, for the CLIs."""
+    for name in _IMPORT_NOISE:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def log_to_stderr_with_time() -> None:
     """For training CLIs: fastgen's loggers at INFO on stderr, each line stamped ``HH:MM:SS``."""
     _configure()
+    quiet_import_noise()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     root = logging.getLogger(_ROOT)
