@@ -10,7 +10,7 @@ The search (successive-halving style, Jamieson & Talwalkar 2016, arXiv 1502.0794
 
 1. **Candidates** come from the registered techniques that have a search grid in :data:`SEARCH_SPACE`
    (samplers at fewer steps ``sampler:NAME@N``, ``steps:N``, step caches ``deepcache:N`` /
-   ``blockcache:...``, ``ras:r``, ``tome:r``), each filtered by what this pipeline's family supports:
+   ``blockcache:...``, ``ras:r``, ``tome:r``, guidance intervals ``cfg-interval:f``), each filtered by what this pipeline's family supports:
    a candidate is applied and removed once (``fastgen.accelerate`` validates everything before patching),
    and those that raise ``UnsupportedPipelineError``/``ValueError`` are listed as skipped with the reason.
    Anchors (reference implementations) and techniques without a grid are not searched.
@@ -170,6 +170,7 @@ SEARCH_SPACE: dict[str, Callable[[int, Sequence[float]], list[str]]] = {
     "blockcache": lambda steps, fr: ["blockcache:slow", "blockcache:medium", "blockcache:fast"],
     "ras": lambda steps, fr: ["ras:slow", "ras:medium", "ras:fast"],
     "tome": lambda steps, fr: ["tome:slow", "tome:medium", "tome:fast"],
+    "cfg-interval": lambda steps, fr: ["cfg-interval:0.8", "cfg-interval:0.6", "cfg-interval:0.4"],
 }
 
 
@@ -268,10 +269,11 @@ def combinations(pipe, passed: Sequence[dict], *, max_reducers: int = 2, limit: 
     reducers = [r["recipe"] for r in rows if _techniques_of(r["recipe"])[0] in STEP_REDUCERS][:max_reducers]
     others = [r["recipe"] for r in rows if _techniques_of(r["recipe"])[0] not in STEP_REDUCERS]
     pairs = [(a, b) for a in reducers for b in others]
-    pairs += [(a, b) for a, b in itertools.combinations(others, 2)
-              if _techniques_of(a)[0] != _techniques_of(b)[0]]
+    pairs += list(itertools.combinations(others, 2))
     out = []
     for a, b in pairs:
+        if not set(_techniques_of(a)).isdisjoint(_techniques_of(b)):  # e.g. two extra multi-technique recipes
+            continue
         recipe = recipe_string(parse_recipe(f"{a}+{b}"))
         if recipe in out:
             continue

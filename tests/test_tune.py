@@ -140,6 +140,13 @@ def test_combinations_only_stackable(sd3):
     assert not any("steps:" in c and "sampler:" in c for c in combos)  # two step reducers never stack
     assert combinations(sd3, passed, limit=2) == combos[:2]
     assert fastgen.summary(sd3)["recipe"] == "baseline"
+    # multi-technique extras that share a technique are never paired (it would name it twice)
+    extras = [{"recipe": "steps:10+cfg-interval:0.6", "speedup": 3.0}, {"recipe": "cfg-interval:0.4+tome:0.5", "speedup": 1.5},
+              {"recipe": "cfg-interval:0.8", "speedup": 1.1}]
+    combos = combinations(sd3, extras)
+    assert combos == [] or all(c.count("cfg-interval") == 1 for c in combos)
+    assert combinations(sd3, [*extras, {"recipe": "tome:0.3", "speedup": 1.2}]) == ["steps:10+cfg-interval:0.6+tome:0.3",
+                                                                                    "tome:0.3+cfg-interval:0.8"]
 
 
 def test_tune_tiny_writes_schema(sd3, tmp_path):
