@@ -495,3 +495,24 @@ def test_qalora_recipe_through_fastgen_accelerate():
     assert fastgen.summary(pipe)["recipe"] == "qalora:w4a8"
     fastgen.remove(pipe)
     np.testing.assert_array_equal(pipe(**default_call_kwargs(pipe, steps=3), output_type="np").images, ref)
+
+
+def test_bench_ptq_cli_on_a_tiny_run(tmp_path, capsys):
+    """quant.bench_ptq reads a quant.qalora run folder and reports PSNR/score of PTQ and QALoRA against FP."""
+    import json as _json
+
+    from fastgen import zoo
+
+    if not (zoo.weights_path("shapes-mmdit") / "model_index.json").exists():
+        pytest.skip("shapes-mmdit weights are not installed")
+    from quant.bench_ptq import main as bench_main
+    from quant.trainer import main as train_main
+
+    run = tmp_path / "q"
+    assert train_main(["--model", "shapes-mmdit", "--bits", "w4a8", "--out", str(run), "--steps", "1", "--prompts", "1",
+                       "--batch", "1", "--calib-steps", "2", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert bench_main(["--run", str(run), "--bits", "w4a8", "--n", "2"]) == 0
+    res = _json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(res["psnr_db"]) == {"ptq", "qalora"} and all(v > 5 for v in res["psnr_db"].values())
+    assert set(res["overall"]) == {"fp", "ptq", "qalora"}
