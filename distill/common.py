@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from fastgen.errors import UnsupportedPipelineError
-from fastgen.utils.io import torch_save_atomic
+from fastgen.utils.io import check_same_config, load_checkpoint, torch_save_atomic
 from fastgen.utils.logging import get_logger, log_to_stderr_with_time
 
 from .models import GuidanceSD3Transformer2DModel, guidance_embedding
@@ -702,11 +702,7 @@ class DistillTrainer:
         fmt = f"fastgen-distill-{self.method}-v1"
         if sd.get("format") != fmt:
             raise ValueError(f"cannot resume: the checkpoint is {sd.get('format')!r}, this run is {fmt!r}")
-        saved, mine = _jsonable(sd["config"]), _jsonable(asdict(self.cfg))
-        diff = {k: (saved.get(k), v) for k, v in mine.items() if k not in self.cfg.RESUME_FREE and saved.get(k) != v}
-        if diff:
-            raise ValueError(f"cannot resume: the checkpoint was trained with different settings "
-                             f"(checkpoint vs now): {diff}")
+        check_same_config(sd["config"], asdict(self.cfg), free=self.cfg.RESUME_FREE)
         self.load_extra_state(sd.get("extra", {}))
         self.student.load_state_dict(sd["student"])
         self.aux.load_state_dict(sd["aux"])
@@ -725,9 +721,10 @@ class DistillTrainer:
     def resume(self) -> bool:
         """Load ``OUT/checkpoint.pt`` if present; returns whether it did."""
         path = self.out / "checkpoint.pt"
-        if not path.exists():
+        sd = load_checkpoint(path, map_location=self.device)
+        if sd is None:
             return False
-        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=False))
+        self.load_state_dict(sd)
         logger.info("resumed %s at step %d", path, self.step)
         return True
 

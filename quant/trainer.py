@@ -41,7 +41,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from fastgen.utils.io import torch_save_atomic
+from fastgen.utils.io import check_same_config, load_checkpoint, torch_save_atomic
 from fastgen.utils.logging import get_logger, log_to_stderr_with_time
 
 from .calibration import CalibrationSet, calibrate, capture_calibration, first_tensor, replay
@@ -317,10 +317,8 @@ class QALoRATrainer:
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         if sd.get("format") != "fastgen-qalora-train-v1":
             raise ValueError("not a QALoRA training checkpoint")
-        diff = {k: (v, sd["qalora"].get(k)) for k, v in self.config.to_dict().items() if sd["qalora"].get(k) != v}
-        diff.update({k: (v, sd["finetune"].get(k)) for k, v in asdict(self.cfg).items() if sd["finetune"].get(k) != v})
-        if diff:
-            raise ValueError(f"cannot resume: the checkpoint was made with other settings (now vs checkpoint): {diff}")
+        check_same_config(sd["qalora"], self.config.to_dict(), what="quantization settings")
+        check_same_config(sd["finetune"], asdict(self.cfg), what="fine-tune settings")
         keys = list(self.state.ctx.keys)
         if [round(k, 4) for k in keys] != [round(k, 4) for k in sd["timesteps"]]:
             raise ValueError("cannot resume: the calibration timesteps differ from the checkpoint's "
@@ -345,9 +343,10 @@ class QALoRATrainer:
 
     def resume(self) -> bool:
         """Load ``OUT/checkpoint.pt`` if there is one; returns whether it did."""
-        if self.out is None or not (self.out / "checkpoint.pt").exists():
+        sd = load_checkpoint(self.out / "checkpoint.pt") if self.out is not None else None
+        if sd is None:
             return False
-        self.load_state_dict(torch.load(self.out / "checkpoint.pt", map_location="cpu", weights_only=False))
+        self.load_state_dict(sd)
         logger.info("resumed %s at step %d", self.out / "checkpoint.pt", self.step)
         return True
 

@@ -59,7 +59,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastgen.utils.io import torch_save_atomic
+from fastgen.utils.io import check_same_config, load_checkpoint, torch_save_atomic
 from fastgen.utils.logging import get_logger, log_to_stderr_with_time
 
 from .var import VAR, VARConfig, build_and_load, read_checkpoint
@@ -348,11 +348,7 @@ class _Trainer:
                 "opt": self.opt.state_dict(), "history": self.history, "best": self.best}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        saved, mine = json.loads(json.dumps(sd["config"])), json.loads(json.dumps(asdict(self.cfg)))
-        diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
-        if diff:
-            raise ValueError(f"cannot resume: the checkpoint was trained with different settings "
-                             f"(checkpoint vs now): {diff}")
+        check_same_config(sd["config"], asdict(self.cfg))
         self.model.load_state_dict(sd["model"])
         self.ema.load_state_dict(sd["ema"])
         self.opt.load_state_dict(sd["opt"])
@@ -366,9 +362,10 @@ class _Trainer:
     def resume(self) -> bool:
         """Load ``OUT/checkpoint.pt`` if present; returns whether it did."""
         path = self.out / "checkpoint.pt"
-        if not path.exists():
+        sd = load_checkpoint(path)
+        if sd is None:
             return False
-        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+        self.load_state_dict(sd)
         logger.info("resumed %s at step %d (%.1f min trained)", path, self.step, self.elapsed / 60)
         return True
 

@@ -58,7 +58,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastgen.utils.io import torch_save_atomic
+from fastgen.utils.io import check_same_config, load_checkpoint, torch_save_atomic
 from fastgen.utils.logging import get_logger, log_to_stderr_with_time, quiet_diffusers
 from fastgen.zoo import DEFAULTS, MODELS, shapes
 from fastgen.zoo.attention import CollapsedZerosJointAttnProcessor, use_collapsed_zeros
@@ -564,13 +564,8 @@ class Trainer:
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        saved = {**asdict(TrainConfig()), **dict(sd["config"])}  # fields added later: their defaults
-        mine = asdict(self.cfg)
-        saved["betas"], mine["betas"] = list(saved["betas"]), list(mine["betas"])
-        diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
-        if diff:
-            raise ValueError(f"cannot resume: the checkpoint was trained with different settings "
-                             f"(checkpoint vs now): {diff}")
+        # fields added to TrainConfig after the checkpoint was written take their defaults
+        check_same_config(sd["config"], asdict(self.cfg), defaults=asdict(TrainConfig()))
         self.modules.load_state_dict(sd["model"])
         self.ema.load_state_dict(sd["ema"])
         self.opt.load_state_dict(sd["opt"])
@@ -585,9 +580,10 @@ class Trainer:
     def resume(self) -> bool:
         """Load ``OUT/checkpoint.pt`` if present; returns whether it did."""
         path = self.out / "checkpoint.pt"
-        if not path.exists():
+        sd = load_checkpoint(path)
+        if sd is None:
             return False
-        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+        self.load_state_dict(sd)
         logger.info("resumed %s at step %d (%.1f min trained)", path, self.step, self.elapsed / 60)
         return True
 
