@@ -68,17 +68,20 @@ class CFGIntervalConfig:
         return self.start <= f < self.end
 
 
-def _cfg_on(pipe) -> bool:
+def _default_guidance_scale(pipe) -> float:
+    """The ``guidance_scale`` default of the pipeline's ``__call__`` signature (1.0 when it has none)."""
+    p = inspect.signature(type(pipe).__call__).parameters.get("guidance_scale")
+    return float(p.default) if p is not None and p.default is not inspect.Parameter.empty else 1.0
+
+
+def _cfg_on(pipe, default_g: float) -> bool:
     flag = getattr(pipe, "do_classifier_free_guidance", None)
     if isinstance(flag, bool):
         return flag
     # PixArt keeps it in a local variable: read the call's guidance_scale (or the signature default)
     st = get_state(pipe)
     g = st.call.kwargs.get("guidance_scale") if st is not None else None
-    if g is None:
-        p = inspect.signature(type(pipe).__call__).parameters.get("guidance_scale")
-        g = p.default if p is not None and p.default is not inspect.Parameter.empty else 1.0
-    return float(g) > 1.0
+    return float(default_g if g is None else g) > 1.0
 
 
 def _half(x: Any, n: int) -> Any:
@@ -106,6 +109,7 @@ class _IntervalHook(HookBase):
     def __init__(self, pipe, config: CFGIntervalConfig):
         super().__init__()
         self.pipe, self.config = pipe, config
+        self.default_g = _default_guidance_scale(pipe)  # read once, not per denoiser call
         self.skipped = 0  # unguided denoiser calls of the current (or last) pipeline call
         self._call = None
 
@@ -117,7 +121,7 @@ class _IntervalHook(HookBase):
         n = x.shape[0] if isinstance(x, torch.Tensor) and x.ndim else 0
         ts = getattr(getattr(self.pipe, "scheduler", None), "timesteps", None)
         steps = (len(ts) if ts is not None else 0) or (st.call.num_inference_steps if st else None) or 1
-        if (st is None or n < 2 or n % 2 or not _cfg_on(self.pipe)
+        if (st is None or n < 2 or n % 2 or not _cfg_on(self.pipe, self.default_g)
                 or self.config.guided(max(0, st.call.step_index), steps)):
             return self.fn_ref.original_forward(*args, **kwargs)
         self.skipped += 1
