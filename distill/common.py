@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from fastgen.errors import UnsupportedPipelineError
-from fastgen.utils.io import check_same_config, load_checkpoint, torch_save_atomic
+from fastgen.utils.io import Resumable, check_same_config
 from fastgen.utils.logging import get_logger, log_to_stderr_with_time
 
 from .models import GuidanceSD3Transformer2DModel, guidance_embedding
@@ -468,7 +468,7 @@ def student_pipeline(teacher_pipe, model: torch.nn.Module, scheduler=None):
 # --------------------------------------------------------------------------------------------------
 
 
-class DistillTrainer:
+class DistillTrainer(Resumable):
     """Base class of the distillation trainers (see the module docstring for the guarantees).
 
     Subclasses set :attr:`method`, build the student in :meth:`build_student` (a module initialised from
@@ -714,19 +714,9 @@ class DistillTrainer:
         self.step, self.elapsed = int(sd["step"]), float(sd["elapsed"])
         self.history, self.evals = list(sd["history"]), list(sd["evals"])
 
-    def save_checkpoint(self) -> Path:
-        """Write ``OUT/checkpoint.pt`` atomically (temp file, then ``os.replace``)."""
-        return torch_save_atomic(self.state_dict(), self.out / "checkpoint.pt")
-
-    def resume(self) -> bool:
-        """Load ``OUT/checkpoint.pt`` if present; returns whether it did."""
-        path = self.out / "checkpoint.pt"
-        sd = load_checkpoint(path, map_location=self.device)
-        if sd is None:
-            return False
-        self.load_state_dict(sd)
-        logger.info("resumed %s at step %d", path, self.step)
-        return True
+    @property
+    def checkpoint_map_location(self):  # tensors straight to the training device
+        return self.device
 
     # ---- export & evaluation -------------------------------------------------------------------------
 

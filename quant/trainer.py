@@ -41,7 +41,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from fastgen.utils.io import check_same_config, load_checkpoint, torch_save_atomic
+from fastgen.utils.io import Resumable, check_same_config
 from fastgen.utils.logging import get_logger, log_to_stderr_with_time
 
 from .calibration import CalibrationSet, calibrate, capture_calibration, first_tensor, replay
@@ -146,7 +146,7 @@ def distillation_error(pipe_or_model, calibration: CalibrationSet, records: Sequ
     return {"mse": mse / max(1, n), "rel": rel / max(1, n)}
 
 
-class QALoRATrainer:
+class QALoRATrainer(Resumable):
     """EfficientDM distillation of a QALoRA-quantized denoiser on captured FP calls (module docstring).
 
     Args:
@@ -330,10 +330,8 @@ class QALoRATrainer:
         self.ptq = sd.get("ptq")
 
     def save_checkpoint(self) -> Path:
-        """Write ``OUT/checkpoint.pt`` atomically (tmp file then ``os.replace``)."""
-        if self.out is None:
-            raise RuntimeError("this trainer has no output folder")
-        path = torch_save_atomic(self.state_dict(), self.out / "checkpoint.pt")
+        """Write ``OUT/checkpoint.pt`` atomically (tmp file then ``os.replace``) and ``OUT/history.jsonl``."""
+        path = super().save_checkpoint()
         hist_tmp = self.out / "history.jsonl.tmp"
         with open(hist_tmp, "w") as f:
             for row in self.history:
@@ -341,14 +339,6 @@ class QALoRATrainer:
         os.replace(hist_tmp, self.out / "history.jsonl")
         return path
 
-    def resume(self) -> bool:
-        """Load ``OUT/checkpoint.pt`` if there is one; returns whether it did."""
-        sd = load_checkpoint(self.out / "checkpoint.pt") if self.out is not None else None
-        if sd is None:
-            return False
-        self.load_state_dict(sd)
-        logger.info("resumed %s at step %d", self.out / "checkpoint.pt", self.step)
-        return True
 
     # ---- the loop -------------------------------------------------------------------------------------
 

@@ -59,7 +59,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastgen.utils.io import check_same_config, load_checkpoint, torch_save_atomic
+from fastgen.utils.io import Resumable, check_same_config
 from fastgen.utils.logging import get_logger, log_to_stderr_with_time
 
 from .var import VAR, VARConfig, build_and_load, read_checkpoint
@@ -264,7 +264,7 @@ class VARTrainConfig(_Common):
 # --------------------------------------------------------------------------------------------------
 
 
-class _Trainer:
+class _Trainer(Resumable):
     cfg: _Common
     model: torch.nn.Module
 
@@ -355,19 +355,8 @@ class _Trainer:
         self.step, self.elapsed = int(sd["step"]), float(sd["elapsed"])
         self.history, self.best = list(sd["history"]), float(sd["best"])
 
-    def save_checkpoint(self) -> Path:
-        """Write ``OUT/checkpoint.pt`` atomically."""
-        return torch_save_atomic(self.state_dict(), self.out / "checkpoint.pt")
-
-    def resume(self) -> bool:
-        """Load ``OUT/checkpoint.pt`` if present; returns whether it did."""
-        path = self.out / "checkpoint.pt"
-        sd = load_checkpoint(path)
-        if sd is None:
-            return False
-        self.load_state_dict(sd)
-        logger.info("resumed %s at step %d (%.1f min trained)", path, self.step, self.elapsed / 60)
-        return True
+    def resumed_message(self) -> str:
+        return f"at step {self.step} ({self.elapsed / 60:.1f} min trained)"
 
     def _log_eval(self, row: dict[str, Any]) -> None:
         self.history.append(row)

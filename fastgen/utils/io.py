@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["torch_save_atomic", "load_checkpoint", "check_same_config"]
+__all__ = ["torch_save_atomic", "load_checkpoint", "check_same_config", "Resumable"]
 
 
 def torch_save_atomic(obj: Any, path: str | os.PathLike) -> Path:
@@ -55,3 +56,45 @@ def check_same_config(saved: Mapping[str, Any], now: Mapping[str, Any], *, free:
     diff = {k: (saved_j.get(k), v) for k, v in now_j.items() if k not in free and saved_j.get(k) != v}
     if diff:
         raise ValueError(f"cannot resume: the checkpoint was made with different {what} (checkpoint vs now): {diff}")
+
+
+class Resumable:
+    """Mixin for the trainers: ``save_checkpoint()`` writes ``state_dict()`` to ``OUT/checkpoint.pt``
+    atomically and ``resume()`` loads it back through ``load_state_dict()`` when it exists.
+
+    The class sets ``self.out`` (a ``Path``, or ``None`` for a run without a folder), ``state_dict()``,
+    ``load_state_dict(sd)`` and optionally ``checkpoint_map_location`` and ``resumed_message()``.
+    """
+
+    out: Path | None
+    checkpoint_map_location: Any = "cpu"
+
+    def state_dict(self) -> dict[str, Any]:  # pragma: no cover - provided by the trainer
+        raise NotImplementedError
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:  # pragma: no cover - provided by the trainer
+        raise NotImplementedError
+
+    @property
+    def checkpoint_path(self) -> Path:
+        if self.out is None:
+            raise RuntimeError(f"this {type(self).__name__} has no output folder")
+        return Path(self.out) / "checkpoint.pt"
+
+    def save_checkpoint(self) -> Path:
+        """Write ``OUT/checkpoint.pt`` atomically (temp file, then ``os.replace``)."""
+        return torch_save_atomic(self.state_dict(), self.checkpoint_path)
+
+    def resumed_message(self) -> str:
+        return f"at step {getattr(self, 'step', '?')}"
+
+    def resume(self) -> bool:
+        """Load ``OUT/checkpoint.pt`` if there is one; returns whether it did."""
+        if self.out is None:
+            return False
+        sd = load_checkpoint(self.checkpoint_path, map_location=self.checkpoint_map_location)
+        if sd is None:
+            return False
+        self.load_state_dict(sd)
+        logging.getLogger(type(self).__module__).info("resumed %s %s", self.checkpoint_path, self.resumed_message())
+        return True

@@ -58,7 +58,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastgen.utils.io import check_same_config, load_checkpoint, torch_save_atomic
+from fastgen.text import _bytes_to_unicode  # GPT-2's fixed byte table (the merges below stay frozen here)
+from fastgen.utils.io import Resumable, check_same_config
 from fastgen.utils.logging import get_logger, log_to_stderr_with_time, quiet_diffusers
 from fastgen.zoo import DEFAULTS, MODELS, shapes
 from fastgen.zoo.attention import CollapsedZerosJointAttnProcessor, use_collapsed_zeros
@@ -104,19 +105,6 @@ ZOO_WORDS: tuple[str, ...] = (
     "green", "blue", "yellow", "sofa", "astronaut", "riding", "horse", "above", "below", "circle", "circles", "left",
     "right", "square", "squares", "three", "triangle", "triangles", "two",
 )
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable unicode map (the one byte-level BPE uses)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
 
 
 @lru_cache(maxsize=1)
@@ -455,7 +443,7 @@ class TrainConfig:
     arch: dict[str, Any] = field(default_factory=dict)
 
 
-class Trainer:
+class Trainer(Resumable):
     """One training run of a zoo model (see the module docstring).
 
     Args:
@@ -573,19 +561,8 @@ class Trainer:
         self.history, self.best = list(sd["history"]), float(sd["best"])
         torch.set_rng_state(sd["torch_rng"])
 
-    def save_checkpoint(self) -> Path:
-        """Write ``OUT/checkpoint.pt`` atomically (tmp file then ``os.replace``)."""
-        return torch_save_atomic(self.state_dict(), self.out / "checkpoint.pt")
-
-    def resume(self) -> bool:
-        """Load ``OUT/checkpoint.pt`` if present; returns whether it did."""
-        path = self.out / "checkpoint.pt"
-        sd = load_checkpoint(path)
-        if sd is None:
-            return False
-        self.load_state_dict(sd)
-        logger.info("resumed %s at step %d (%.1f min trained)", path, self.step, self.elapsed / 60)
-        return True
+    def resumed_message(self) -> str:
+        return f"at step {self.step} ({self.elapsed / 60:.1f} min trained)"
 
     def init_from(self, path: str | os.PathLike) -> None:
         """Start from the weights of a saved zoo pipeline folder (e.g. the shipped ``fastgen/zoo/weights/<name>``
