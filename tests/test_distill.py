@@ -197,6 +197,38 @@ def test_guidance_sd3_weight_reaches_the_student_through_joint_attention_kwargs(
     assert (a - d).abs().max() > 1e-4
 
 
+def test_saved_sd3_guidance_student_goes_through_the_zoo_loader(mmdit_teacher, tmp_path):
+    """The zoo's loader (used for shipped students like shapes-mmdit-gd) checks the custom class's tensors,
+    loads it as GuidanceSD3Transformer2DModel, and names the file and tensor when one is mis-shaped."""
+    from safetensors.torch import load_file, save_file
+
+    from fastgen import zoo
+    from distill.models import GuidanceSD3Transformer2DModel
+
+    tr = GuidanceTrainer(mmdit_teacher, GuidanceConfig(**FAST), tmp_path, zoo_name="shapes-mmdit")
+    with torch.no_grad():
+        tr.student.guidance_proj.weight.normal_()
+    path = tr.save(tmp_path / "student")
+    pipe = zoo.load_pipeline(path)
+    assert type(pipe.transformer) is GuidanceSD3Transformer2DModel
+    assert torch.equal(pipe.transformer.guidance_proj.weight, tr.export_model().guidance_proj.weight)
+    wfile = path / "transformer" / "diffusion_pytorch_model.safetensors"
+    sd = load_file(wfile)
+    sd["guidance_proj.weight"] = sd["guidance_proj.weight"][:, :-1].contiguous()
+    save_file(sd, wfile)
+    with pytest.raises(zoo.WeightsError, match="guidance_proj.weight"):
+        zoo.load_pipeline(path)
+
+
+def test_zoo_student_without_weights_names_the_distill_command(monkeypatch, tmp_path):
+    from fastgen import zoo
+
+    monkeypatch.setattr(zoo, "WEIGHTS_DIR", tmp_path)
+    assert zoo.world_of("shapes-mmdit-gd") == "shapes-mmdit"
+    with pytest.raises(zoo.WeightsNotFoundError, match="python -m distill.guidance --teacher shapes-mmdit"):
+        zoo.load_default("shapes-mmdit-gd")
+
+
 def test_guidance_sdxl_student_equals_teacher_and_runs_one_call_per_step(tmp_path):
     from fastgen.testing import tiny_pipeline
 

@@ -35,7 +35,8 @@ def _cfg(model: str, **kw) -> T.TrainConfig:
 
 
 def test_list_and_defaults():
-    assert zoo.list() == ["shapes-mmdit", "shapes-unet", "digits-var"]
+    assert zoo.list() == ["shapes-mmdit", "shapes-unet", "digits-var", *zoo.STUDENTS]
+    assert all(zoo.world_of(s) in zoo.list() for s in zoo.STUDENTS)
     assert set(zoo.DEFAULTS) == set(zoo.list())
     assert zoo.DEFAULTS["shapes-mmdit"]["num_inference_steps"] == 28
     assert zoo.DEFAULTS["shapes-unet"]["num_inference_steps"] == 50

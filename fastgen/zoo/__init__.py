@@ -27,11 +27,15 @@ from fastgen.errors import FastgenError
 
 __all__ = [
     "MODELS", "DEFAULTS", "WEIGHTS_DIR", "list", "load_default", "load_pipeline", "check_weights", "call_kwargs",
-    "weights_path", "WeightsNotFoundError", "WeightsError", "AR_MODELS",
+    "weights_path", "WeightsNotFoundError", "WeightsError", "AR_MODELS", "STUDENTS", "world_of",
 ]
 
-#: The zoo's model names.
-MODELS: tuple[str, ...] = ("shapes-mmdit", "shapes-unet", "digits-var")
+#: Distilled students shipped next to their teachers (``student -> teacher``), trained by ``distill/``.
+#: They are scored on their teacher's world and prompts; the commands that train them are in the README.
+STUDENTS: dict[str, str] = {"shapes-mmdit-gd": "shapes-mmdit"}
+
+#: The zoo's model names (teachers first, then the distilled students).
+MODELS: tuple[str, ...] = ("shapes-mmdit", "shapes-unet", "digits-var", *STUDENTS)
 #: Zoo models that are next-scale AR pipelines (:class:`fastgen.ar.VARPipeline`), not diffusers folders.
 AR_MODELS: tuple[str, ...] = ("digits-var",)
 
@@ -42,6 +46,17 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                      "height": 32, "width": 32, "max_sequence_length": 2},
     "shapes-unet": {"num_inference_steps": 50, "guidance_scale": 5.0, "sampler": "ddim", "height": 32, "width": 32},
     "digits-var": {"guidance_scale": 2.0, "top_k": 0, "top_p": 0.0, "height": 32, "width": 32},
+    # guidance-distilled: one transformer call per step; guidance_scale=1 turns the pipeline's CFG batching
+    # off and the student applies its own g (config default_guidance_scale = 5, the teacher's; another g:
+    # joint_attention_kwargs={"guidance_scale": g})
+    "shapes-mmdit-gd": {"num_inference_steps": 28, "guidance_scale": 1.0, "student_guidance_scale": 5.0,
+                        "sampler": "flow-euler (shift 1.0)", "height": 32, "width": 32, "max_sequence_length": 2},
+}
+
+#: How each student was made (shown in errors when its weights are missing).
+_STUDENT_RECIPES: dict[str, str] = {
+    "shapes-mmdit-gd": "python -m distill.guidance --teacher shapes-mmdit --output runs/gd-mmdit --steps 3000 "
+                       "--batch 32 --lr 5e-5 --warmup 100 --t-sampling logit-normal",
 }
 
 #: Where the shipped weights live (one diffusers folder per model).
@@ -65,6 +80,11 @@ def _check_name(name: str) -> str:
     if name not in MODELS:
         raise ValueError(f"unknown zoo model {name!r}; choose one of {', '.join(MODELS)}")
     return name
+
+
+def world_of(name: str) -> str:
+    """The zoo model whose world, prompts and evaluator settings ``name`` uses (a student's teacher)."""
+    return STUDENTS.get(_check_name(name), name)
 
 
 def weights_path(name: str) -> Path:
@@ -148,6 +168,17 @@ def _expected_shapes(library: str, cls: type, folder: Path) -> tuple[dict[str, t
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}, tied
 
 
+def _component_class(library: str, cls_name: str) -> type | None:
+    """The class a ``model_index.json`` entry names. Importing a custom module here (e.g. ``distill.models``
+    of a guidance-distilled student) also registers it in ``sys.modules``, where diffusers' loader looks."""
+    try:
+        module = importlib.import_module(library)
+    except ImportError as e:
+        raise WeightsError(f"the pipeline needs the module {library!r} (for {cls_name}), which cannot be imported: "
+                           f"{e}. fastgen's students need the `distill` package of this project.") from e
+    return getattr(module, cls_name, None)
+
+
 def check_weights(path: str | Path) -> None:
     """Check that every model folder of a pipeline has its safetensors weights, every tensor its config
     expects, with the expected shape.
@@ -171,11 +202,13 @@ def check_weights(path: str | Path) -> None:
         if comp.startswith("_") or not isinstance(val, (builtins.list, tuple)) or len(val) != 2 or val[0] is None:
             continue
         library, cls_name = val
-        if library not in _WEIGHT_NAMES:
-            continue
-        cls = getattr(importlib.import_module(library), cls_name, None)
+        cls = _component_class(library, cls_name)
         if cls is None or not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
             continue  # schedulers, tokenizers, processors
+        if library not in _WEIGHT_NAMES:  # a custom class, e.g. distill.models.GuidanceSD3Transformer2DModel
+            from diffusers import ModelMixin
+
+            library = "diffusers" if issubclass(cls, ModelMixin) else "transformers"
         folder = path / comp
         if not (folder / "config.json").exists():
             raise WeightsNotFoundError(f"{folder / 'config.json'} is missing (component {comp!r}, {cls_name})")
@@ -246,6 +279,10 @@ def load_default(name: str = "shapes-mmdit", device: Any = None, dtype: Any = No
     folder = weights_path(name)
     if name in AR_MODELS:
         return _load_ar(name, folder, device, dtype)
+    if not (folder / "model_index.json").exists() and name in STUDENTS:
+        raise WeightsNotFoundError(
+            f"the weights of zoo student {name!r} are not installed ({folder} has no model_index.json). Distill "
+            f"them from {STUDENTS[name]!r} with `{_STUDENT_RECIPES[name]}`, then copy runs/<run>/pipeline to {folder}.")
     if not (folder / "model_index.json").exists():
         raise WeightsNotFoundError(
             f"the weights of zoo model {name!r} are not installed ({folder} has no model_index.json). "

@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from fastgen.text import _bytes_to_unicode  # GPT-2's fixed byte table (the merges below stay frozen here)
 from fastgen.utils.io import Resumable, check_same_config
 from fastgen.utils.logging import get_logger, log_to_stderr_with_time, quiet_diffusers
-from fastgen.zoo import DEFAULTS, MODELS, shapes
+from fastgen.zoo import AR_MODELS, DEFAULTS, MODELS, shapes
 from fastgen.zoo.attention import CollapsedZerosJointAttnProcessor, use_collapsed_zeros
 
 __all__ = [
@@ -387,7 +387,9 @@ def evaluate_pipeline(pipe, name: str, n: int = 100, seed: int = shapes.EVAL_SEE
     """
     from fastgen.zoo import evaluate
 
-    d = DEFAULTS[_check_model(name)]
+    if name not in DEFAULTS or name in AR_MODELS:
+        raise ValueError(f"evaluate_pipeline: {name!r} is not a shapes-world zoo model")
+    d = DEFAULTS[name]  # a student (e.g. shapes-mmdit-gd) is scored with its own default call
     steps = int(steps or d["num_inference_steps"])
     guidance = float(d["guidance_scale"] if guidance is None else guidance)
     prompts = shapes.sample_prompts(n, seed)
