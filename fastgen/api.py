@@ -61,6 +61,7 @@ def accelerate(pipe, *configs_or_recipes: Any):
                 f"it supports: {', '.join(tech.families)}"
             )
         plan.append((tech, cfg))
+    plan.sort(key=lambda tc: tc[0].order)  # stable: e.g. gd (which swaps the denoiser) goes first
     st = get_state(pipe)
     before = dict(st.applied) if st is not None else {}
     _check_compatible([t.name for t, _ in plan], [n for n in before if n not in names])

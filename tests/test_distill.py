@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from distill.common import DistillTrainer, step_generator
+from distill.common import DistillTrainer, step_generator, student_pipeline
 from distill.consistency import (
     LCMConfig,
     LCMTrainer,
@@ -25,6 +25,7 @@ from distill.consistency import (
 from distill.guidance import GuidanceConfig, GuidanceTrainer, ProgressiveTrainer, call_kwargs_for
 from distill.models import GuidanceSD3Transformer2DModel, guidance_embedding
 from fastgen.errors import UnsupportedPipelineError
+from fastgen.hooks import get_state
 
 TINY = {
     "shapes-mmdit": dict(hidden=32, layers=1, heads=2, text_hidden=16, text_layers=1),
@@ -227,6 +228,66 @@ def test_zoo_student_without_weights_names_the_distill_command(monkeypatch, tmp_
     assert zoo.world_of("shapes-mmdit-gd") == "shapes-mmdit"
     with pytest.raises(zoo.WeightsNotFoundError, match="python -m distill.guidance --teacher shapes-mmdit"):
         zoo.load_default("shapes-mmdit-gd")
+
+
+@pytest.mark.parametrize("teacher", ["shapes-mmdit", "shapes-unet"], indirect=True)
+def test_gd_recipe_runs_the_student_once_per_step_and_removes_bit_exactly(teacher, tmp_path):
+    """``gd:PATH`` on the teacher pipeline, called as the teacher is (guidance_scale=4): one student call of
+    batch 1 per step, the same images as the student pipeline called directly, and remove restores the
+    teacher module object and its images bit-exactly."""
+    import fastgen
+    from diffusers import DiffusionPipeline
+
+    cfg = GuidanceConfig(**{**FAST, "steps": 1, "lr": 1e-3, "ema_decay": 0.5})
+    tr = GuidanceTrainer(teacher, cfg, tmp_path, zoo_name=_name(teacher))
+    tr.run(save=True, final_eval=False)
+    with torch.no_grad():  # a student whose guidance input matters
+        m = tr.export_model()
+        (m.guidance_proj if hasattr(m, "guidance_proj") else m.time_embedding.cond_proj).weight.normal_(0, 0.5)
+    path = tr.save(tmp_path / "student", pipe=student_pipeline(teacher, m, copy.deepcopy(teacher.scheduler)))
+    is_sd3 = hasattr(teacher, "transformer")
+    attr = "transformer" if is_sd3 else "unet"
+    extra = {"max_sequence_length": 2} if is_sd3 else {}
+
+    def run(pipe, **kw):
+        with torch.no_grad():
+            return pipe("a red circle", num_inference_steps=3, height=32, width=32, output_type="np",
+                        generator=torch.Generator().manual_seed(0), **extra, **kw).images
+
+    teacher_module = getattr(teacher, attr)
+    base = run(teacher, guidance_scale=4.0)
+    fastgen.accelerate(teacher, "sampler:euler@3+gd:" + str(path))  # gd goes first whatever the order
+    assert list(get_state(teacher).applied) == ["gd", "sampler"]
+    student = getattr(teacher, attr)
+    assert student is not teacher_module
+    shapes = []
+    first = student.pos_embed if is_sd3 else student.conv_in  # inside the hooks: sees what really runs
+    first.register_forward_pre_hook(lambda mod, a: shapes.append(a[0].shape[0]))
+    fast = run(teacher, guidance_scale=4.0)
+    assert shapes == [1, 1, 1]  # one pass of batch 1 per step (CFG would be 2)
+    direct = DiffusionPipeline.from_pretrained(path)
+    if is_sd3:
+        direct.transformer.set_attn_processor(dict(teacher_module.attn_processors))
+    direct.scheduler = copy.deepcopy(teacher.scheduler)
+    kw = call_kwargs_for(direct, guidance_scale=4.0, num_inference_steps=3)
+    kw.pop("num_inference_steps")
+    want = run(direct, **kw)
+    assert abs(fast - want).max() < 1e-5
+    assert abs(fast - base).max() > 1e-3
+    fastgen.remove(teacher)
+    assert getattr(teacher, attr) is teacher_module and get_state(teacher) is None
+    assert (run(teacher, guidance_scale=4.0) == base).all()
+
+
+def test_gd_recipe_errors_name_what_to_pass(mmdit_teacher, tmp_path):
+    import fastgen
+    from fastgen.errors import FastgenError
+
+    with pytest.raises(FastgenError, match="gd:PATH"):
+        fastgen.accelerate(mmdit_teacher, "gd")  # not loaded from the zoo folder: no shipped student to find
+    with pytest.raises(FastgenError, match="not a student pipeline folder"):
+        fastgen.accelerate(mmdit_teacher, f"gd:{tmp_path}")
+    assert get_state(mmdit_teacher) is None  # nothing half-patched
 
 
 def test_guidance_sdxl_student_equals_teacher_and_runs_one_call_per_step(tmp_path):
