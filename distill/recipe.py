@@ -14,8 +14,9 @@ call unchanged (same ``guidance_scale``):
   runs it on the conditional half only, with ``guidance = the call's guidance_scale``, and returns that
   prediction twice, so the pipeline's ``uncond + g (cond - uncond)`` is exactly the student's output.
 
-``remove_gd`` puts the teacher's own module object back (bit-exact). Because the denoiser is swapped, ``gd``
-is applied before every other technique (``accelerate`` orders it first) and removed after them.
+``remove_gd`` puts the teacher's own module object back (bit-exact). Because the denoiser is swapped, the
+other applied techniques are taken off and put back on the new denoiser whenever ``gd`` comes or goes
+(``accelerate`` also orders ``gd`` first within one recipe, so that costs nothing there).
 
 >>> fastgen.accelerate(pipe, "gd")                 # a zoo teacher: its shipped student   # doctest: +SKIP
 >>> fastgen.accelerate(pipe, "gd:runs/gd-mmdit/pipeline+sampler:unipc@16")                # doctest: +SKIP
@@ -26,11 +27,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from fastgen.errors import FastgenError, RecipeError, UnsupportedPipelineError
+from fastgen.errors import FastgenError, UnsupportedPipelineError
 from fastgen.hooks import HookBase, add_hook, attach, detach_if_empty, get_state, remove_hook
 from fastgen.registry import Technique, register_technique
 from fastgen.utils.logging import get_logger
@@ -161,10 +161,33 @@ def apply_gd(pipe, config: GDConfig | None = None):
             return pipe
         remove_gd(pipe)
         st = get_state(pipe)
-    others = [n for n in (st.applied if st is not None else {}) if n != _NAME]
-    if others:
-        raise FastgenError(f"gd swaps the denoiser, so it must be applied before {others}: put it first "
-                           f"(fastgen.accelerate orders it first within one recipe), or fastgen.remove(pipe) first")
+    others = _lift_others(pipe)  # they patch the denoiser being swapped: taken off, then put back on the student
+    try:
+        _swap_in(pipe, config)
+    finally:
+        _restore_others(pipe, others)
+    return pipe
+
+
+def _lift_others(pipe) -> list:
+    """Remove every other applied technique (reverse order); returns their configs in application order."""
+    from fastgen.registry import get_technique
+
+    st = get_state(pipe)
+    others = [(n, c) for n, c in (st.applied if st is not None else {}).items() if n != _NAME]
+    for n, _ in reversed(others):
+        get_technique(n).remove(pipe)
+    return [c for _, c in others]
+
+
+def _restore_others(pipe, configs: list) -> None:
+    if configs:
+        from fastgen.api import accelerate
+
+        accelerate(pipe, *configs)
+
+
+def _swap_in(pipe, config: GDConfig) -> None:
     from fastgen.adapters import get_adapter
 
     adapter = get_adapter(pipe)
@@ -184,7 +207,6 @@ def apply_gd(pipe, config: GDConfig | None = None):
     st.applied[_NAME] = config
     st.saved[_NAME] = {"attr": attr, "teacher": teacher, "student": student, "hook": hook, "path": str(path)}
     logger.info("gd: %s.%s <- %s", type(pipe).__name__, attr, path)
-    return pipe
 
 
 def remove_gd(pipe):
@@ -192,16 +214,15 @@ def remove_gd(pipe):
     st = get_state(pipe)
     if st is None or _NAME not in st.applied:
         return pipe
-    others = [n for n in st.applied if n != _NAME]
-    if others:
-        raise FastgenError(f"remove {others} before gd (they patch the student); fastgen.remove(pipe) does it "
-                           f"in the right order")
+    others = _lift_others(pipe)  # they patch the student: moved back onto the teacher's denoiser
+    st = get_state(pipe)
     saved = st.saved.pop(_NAME)
     del st.applied[_NAME]
     if saved["hook"] is not None:
         remove_hook(saved["student"], _HOOK)
     detach_if_empty(pipe)  # the step counter leaves the student
     setattr(pipe, saved["attr"], saved["teacher"])
+    _restore_others(pipe, others)
     return pipe
 
 

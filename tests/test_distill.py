@@ -277,6 +277,15 @@ def test_gd_recipe_runs_the_student_once_per_step_and_removes_bit_exactly(teache
     fastgen.remove(teacher)
     assert getattr(teacher, attr) is teacher_module and get_state(teacher) is None
     assert (run(teacher, guidance_scale=4.0) == base).all()
+    # applied after another technique, or removed alone: the others move onto the new denoiser
+    fastgen.accelerate(teacher, "sampler:euler@3")
+    fastgen.accelerate(teacher, "gd:" + str(path))
+    assert list(get_state(teacher).applied) == ["gd", "sampler"]
+    assert abs(run(teacher, guidance_scale=4.0) - want).max() < 1e-5
+    fastgen.remove(teacher, "gd")
+    assert list(get_state(teacher).applied) == ["sampler"] and getattr(teacher, attr) is teacher_module
+    fastgen.remove(teacher)
+    assert (run(teacher, guidance_scale=4.0) == base).all()
 
 
 def test_gd_recipe_errors_name_what_to_pass(mmdit_teacher, tmp_path):
