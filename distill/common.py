@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from fastgen.errors import UnsupportedPipelineError
 from fastgen.utils.io import Resumable, check_same_config
-from fastgen.utils.logging import get_logger, log_to_stderr_with_time
+from fastgen.utils.logging import get_logger, log_to_stderr_with_time, quiet_diffusers
 
 from .models import GuidanceSD3Transformer2DModel, guidance_embedding
 
@@ -388,7 +388,7 @@ class TeacherPool:
         parts, conds, unconds = [], [], []
         for i in range(0, self.size, self.chunk):
             ps = prompts[i:i + self.chunk]
-            with torch.no_grad():
+            with torch.no_grad(), quiet_diffusers():  # not the same truncation warning on every chunk
                 parts.append(pipe(ps, num_inference_steps=self.steps, guidance_scale=self.guidance,
                                   generator=gens[i:i + self.chunk], height=self.hw[0], width=self.hw[1],
                                   output_type="latent", **self.family.call_extra()).images)

@@ -39,7 +39,7 @@ def set_verbosity(level: int | str) -> None:
 
 
 class quiet_diffusers:
-    """Context manager: diffusers' own loggers at ERROR inside (restored after).
+    """Context manager: diffusers' and transformers' loggers at ERROR inside (restored after).
 
     fastgen's benchmark and evaluation call pipelines many times with deliberate settings (e.g. the zoo's
     ``max_sequence_length=2`` for its all-zero T5 stub, which makes diffusers warn about "truncated" input
@@ -52,10 +52,15 @@ class quiet_diffusers:
         self._dlog = dlog
         self._level = dlog.get_verbosity()
         dlog.set_verbosity_error()
+        # the zoo tokenizer's "sequence length is longer than the specified maximum" on long prompts
+        self._tlog = logging.getLogger("transformers")
+        self._tlevel = self._tlog.level
+        self._tlog.setLevel(logging.ERROR)
         return self
 
     def __exit__(self, *exc):
         self._dlog.set_verbosity(self._level)
+        self._tlog.setLevel(self._tlevel)
         return False
 
 
