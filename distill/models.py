@@ -129,7 +129,10 @@ class GuidanceSD3Transformer2DModel(SD3Transformer2DModel):
     def guidance_pooled_offset(self, guidance_scale: torch.Tensor) -> torch.Tensor:
         """What is added to ``pooled_projections`` for diffusers-convention scales ``g`` (shape ``(B,)``)."""
         emb = guidance_embedding(guidance_scale.float() - 1.0, self.config.guidance_embed_dim)
-        return self.guidance_proj(emb.to(device=self.guidance_proj.weight.device, dtype=self.guidance_proj.weight.dtype))
+        # device/dtype from the module's parameters, not ``.weight``: a wrapped layer (int8, LoRA) may have none
+        p = next(self.guidance_proj.parameters(), None)
+        p = p if p is not None else next(self.parameters())
+        return self.guidance_proj(emb.to(device=p.device, dtype=p.dtype))
 
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor = None,
                 pooled_projections: torch.Tensor = None, timestep: torch.Tensor = None, *args,

@@ -85,6 +85,7 @@ DEFAULT_KEEP_FP: tuple[str, ...] = (
     "context_embedder", "caption_projection.*", "encoder_hid_proj*", "*text_embedder*",
     "pos_embed.*", "patch_embed.*", "x_embedder",
     "*conv_shortcut",
+    "guidance_proj",  # distill.models.GuidanceSD3Transformer2DModel's guidance-weight embedding
 )
 
 #: adaLN / timestep-modulation projections (SD3/FLUX ``norm1.linear``, PixArt ``adaln_single.linear``, DiT
