@@ -80,6 +80,7 @@ def _settings(args):
         prompts = tuple(args.prompt) if args.prompt else tuple(shapes.sample_prompts(args.prompts_n, shapes.EVAL_SEED))
         return BenchSettings(
             steps=args.steps or d["num_inference_steps"], prompts=prompts, seeds=tuple(args.seeds),
+            per_prompt_seeds=True,  # prompt i uses seed i: the same images the zoo report scores
             height=args.height or d["height"], width=args.width or d["width"],
             guidance_scale=d["guidance_scale"] if args.guidance_scale is None else args.guidance_scale,
             repeats=args.repeats, warmup=args.warmup, control=getattr(args, "control", False), extra_call_kwargs=extra,

@@ -49,6 +49,9 @@ class BenchSettings:
         steps: ``num_inference_steps`` of the baseline (recipes such as ``sampler:x@N`` override it).
         prompts: prompts for the quality pass (class names or ids for class-conditional pipelines).
         seeds: one image per (prompt, seed).
+        per_prompt_seeds: the image of prompt ``i`` uses seed ``seed + i`` (the zoo evaluator's convention,
+            ``fastgen.zoo.train.evaluate_pipeline``), so a score averages over many initial noises instead of
+            reusing one noise for every prompt. ``fastgen bench`` turns it on for zoo models.
         height, width: image size in pixels (None: the pipeline's default).
         guidance_scale: None keeps the pipeline's default.
         repeats: timed rounds per recipe (median reported).
@@ -60,6 +63,7 @@ class BenchSettings:
     steps: int = 28
     prompts: Sequence[str] = DEFAULT_PROMPTS
     seeds: Sequence[int] = (0,)
+    per_prompt_seeds: bool = False
     height: int | None = None
     width: int | None = None
     guidance_scale: float | None = None
@@ -100,9 +104,9 @@ def call_kwargs(pipe, prompt: str, seed: int, s: BenchSettings) -> dict[str, Any
 
 def _generate(pipe, s: BenchSettings, prompts: Sequence[str]) -> np.ndarray:
     images = []
-    for prompt in prompts:
+    for i, prompt in enumerate(prompts):
         for seed in s.seeds:
-            out = pipe(**call_kwargs(pipe, prompt, seed, s)).images
+            out = pipe(**call_kwargs(pipe, prompt, seed + i if s.per_prompt_seeds else seed, s)).images
             images.append(np.asarray(out[0], dtype=np.float32))
     return np.stack(images)
 

@@ -344,7 +344,7 @@ def _pareto(a) -> int:
     extra = {k: v for k, v in d.items() if k not in ("num_inference_steps", "guidance_scale", "height", "width")}
     prompts = tuple(shapes.sample_prompts(a.n, seed=shapes.EVAL_SEED))
     settings = BenchSettings(steps=d["num_inference_steps"], prompts=prompts, height=d["height"], width=d["width"],
-                             guidance_scale=d["guidance_scale"], repeats=a.repeats, control=True,
+                             guidance_scale=d["guidance_scale"], repeats=a.repeats, control=True, per_prompt_seeds=True,
                              extra_call_kwargs=extra)
 
     def quality(ps, images):

@@ -66,8 +66,8 @@ class quiet_diffusers:
 
 #: Third-party loggers that speak up when an optional backend is merely imported (``diffusers.hooks`` imports
 #: every quantization backend transformers knows): torchao's "Failed to load <cuda kernel>.so" on CPU
-#: machines and torch's pytree deprecation notices for torchao's enums.
-_IMPORT_NOISE = ("torchao", "torch.utils._pytree")
+#: machines, torch's pytree deprecation notices for torchao's enums and diffusers' "Unable to import torchao Tensor objects".
+_IMPORT_NOISE = ("torchao", "torch.utils._pytree", "diffusers.quantizers")
 
 
 def quiet_import_noise() -> None:
