@@ -128,7 +128,12 @@ def _check_student(student: torch.nn.Module, teacher: torch.nn.Module, family: s
 
 
 class _CondHalfHook(HookBase):
-    """SD3: run the student on the conditional half of a CFG batch with the call's guidance scale."""
+    """SD3: run the student on the conditional half of a CFG batch with the call's guidance scale.
+
+    Kept outside the other techniques' hooks on the student (``fastgen_outer``), so that caches and RAS see
+    the halved batch on every call."""
+
+    fastgen_outer = True
 
     def __init__(self, pipe):
         super().__init__()

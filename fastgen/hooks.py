@@ -57,7 +57,9 @@ def add_hook(module: torch.nn.Module, hook, name: str) -> None:
     """Register ``hook`` (a diffusers ``ModelHook``) on ``module`` under ``name`` (replacing one of that name).
 
     fastgen's step counter, if present on ``module``, is kept outermost so that every other hook already
-    sees the current call's step index in its ``pre_forward``.
+    sees the current call's step index in its ``pre_forward``. Hooks whose class sets ``fastgen_outer =
+    True`` (those that change the batch every other hook should see, like ``gd``'s conditional half) stay
+    outside every hook registered after them, just inside the counter.
     """
     from diffusers.hooks import HookRegistry
 
@@ -68,6 +70,10 @@ def add_hook(module: torch.nn.Module, hook, name: str) -> None:
     if name in registry.hooks:
         _splice_out(registry, name)
     registry.register_hook(hook, name)
+    for other in [n for n, h in registry.hooks.items() if n != name and getattr(h, "fastgen_outer", False)]:
+        h = registry.hooks[other]
+        _splice_out(registry, other)
+        registry.register_hook(h, other)
     counter = registry.hooks.get(_COUNTER_HOOK)
     if counter is not None and name != _COUNTER_HOOK:
         _splice_out(registry, _COUNTER_HOOK)

@@ -286,6 +286,14 @@ def test_gd_recipe_runs_the_student_once_per_step_and_removes_bit_exactly(teache
     assert list(get_state(teacher).applied) == ["sampler"] and getattr(teacher, attr) is teacher_module
     fastgen.remove(teacher)
     assert (run(teacher, guidance_scale=4.0) == base).all()
+    if is_sd3:  # a cache hooked on the student after gd sees the halved batch (gd's hook stays outermost)
+        fastgen.accelerate(teacher, "gd:" + str(path))
+        fastgen.accelerate(teacher, "ras:0.5")
+        out = run(teacher, guidance_scale=4.0)
+        assert torch.isfinite(torch.from_numpy(out)).all()
+        assert get_state(teacher).last_call["steps_run"] == 3
+        fastgen.remove(teacher)
+        assert (run(teacher, guidance_scale=4.0) == base).all()
 
 
 def test_gd_recipe_errors_name_what_to_pass(mmdit_teacher, tmp_path):
