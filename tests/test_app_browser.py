@@ -199,3 +199,40 @@ def test_two_tabs_generate_at_once(served, browser, tmp_path):
         _save_screenshot(browser, tmp_path, f"fastgen-app-tab-{name}.png")
     assert time.perf_counter() - t0 < WAIT_S
     assert fastgen.summary(cache.get(MODEL, "cpu").pipe)["recipe"] == "baseline"
+
+
+#: The recipe `fastgen tune` found on shapes-mmdit (README, "fastgen tune"); override with FASTGEN_SHOWCASE_RECIPE.
+SHOWCASE_RECIPE = os.environ.get("FASTGEN_SHOWCASE_RECIPE", "gd+int8:dynamic+sampler:unipc@14+blockcache:0.15,MC4,taylor")
+
+
+@pytest.mark.slow
+def test_zoo_model_with_the_tuned_recipe_side_by_side(browser, tmp_path):
+    """The acceptance view: shapes-mmdit at its default 28-step CFG call against the tuned recipe, with the
+    evaluator's verdict; the screenshot is the README's (``FASTGEN_ARTIFACTS=apps`` writes it there)."""
+    from fastgen import zoo
+
+    if not (zoo.weights_path("shapes-mmdit") / "model_index.json").exists():
+        pytest.skip("shapes-mmdit weights are not installed")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    cache = PipelineCache()
+    demo = build_app("shapes-mmdit", repeats=3, cache=cache, concurrency=1)
+    port = _free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, share=False,
+                **launch_kwargs(demo))
+    try:
+        _open(browser, f"http://127.0.0.1:{port}/")
+        _type(browser, "#fastgen-prompt textarea, #fastgen-prompt input", "a red triangle left of a blue circle")
+        _setup(browser, 7, SHOWCASE_RECIPE)
+        browser.find_element(By.CSS_SELECTOR, "#fastgen-generate").click()
+        assert "shapes-mmdit on cpu" in _wait_result(browser, 7, SHOWCASE_RECIPE)
+        n = _numbers(browser)
+        assert n["speedup"] > 1.5
+        WebDriverWait(browser, 30).until(lambda d: min(_image_sizes(d, "fastgen-accel-image") or [0]) > 0)
+        summary_text = browser.find_element(By.CSS_SELECTOR, "#fastgen-summary").text
+        assert "criterion" in summary_text and "overall" in summary_text
+        _save_screenshot(browser, tmp_path, "fastgen-app-shapes-mmdit.png")
+    finally:
+        demo.close()
+        torch.set_num_threads(threads)
+        assert fastgen.summary(cache.get("shapes-mmdit", "cpu").pipe)["recipe"] == "baseline"
