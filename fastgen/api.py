@@ -90,7 +90,8 @@ def _check_compatible(new: list[str], applied: list[str]) -> None:
             if b == a or (b in new and new.index(b) < i):
                 continue
             ta, tb = get_technique(a), get_technique(b)
-            reason = (ta.incompatible or {}).get(b) or (tb.incompatible or {}).get(a)
+            ia, ib = ta.incompatible or {}, tb.incompatible or {}
+            reason = ia.get(b) or ib.get(a) or ia.get("*") or ib.get("*")
             if reason:
                 where = "already applied" if b in applied else "in the same recipe"
                 raise IncompatibleTechniquesError(f"{a} and {b} ({where}) cannot stack: {reason}")

@@ -50,7 +50,8 @@ class Technique:
         help: one line for ``fastgen info`` and error messages.
         example: an example recipe string.
         incompatible: ``{other technique name: reason}`` pairs that cannot stack (checked both ways, against
-            what is applied and within one ``accelerate`` call, before anything is patched).
+            what is applied and within one ``accelerate`` call, before anything is patched); the name
+            ``"*"`` stands for every other technique (one that must run alone).
         order: where it goes within one ``accelerate`` call (lower first; stable otherwise). Techniques
             that replace a component (``gd``) use a negative order so the others patch the new one.
     """

@@ -16,6 +16,7 @@ from fastgen.testing import default_call_kwargs, tiny_pipeline
 
 DITS = ["sd3", "flux", "pixart", "sana", "lumina2", "dit"]
 HAS_DEEPCACHE = importlib.util.find_spec("DeepCache") is not None
+HAS_CACHEDIT = importlib.util.find_spec("cache_dit") is not None
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -374,6 +375,7 @@ def test_bad_recipes(bad):
     ("blockcache:0.12,F2,B1,W4,MC-1,taylor", BlockCacheConfig(0.12, 2, 1, 4, -1, True)),
     ("diffusers-fbc:0.05", None), ("diffusers-taylorseer:5", None), ("diffusers-taylorseer:3,W2,O2", None),
     ("anchor-deepcache:3", None),
+    ("anchor-cachedit:0.08", None), ("anchor-cachedit:0.2,F2,B1,W3,MC4", None),
 ])
 def test_recipes_round_trip(recipe, config):
     cfgs = fastgen.parse_recipe(recipe)
@@ -428,3 +430,50 @@ def test_deepcache_is_faster_on_a_bench_size_unet():
         cached.append(timed())
         remove_deepcache(pipe)
     assert min(base) / min(cached) > 1.5
+
+
+# ------------------------------------------------------------------------------------------------ cache-dit anchor
+
+
+@pytest.mark.skipif(not HAS_CACHEDIT, reason="cache-dit (extra 'anchors') is not installed")
+@pytest.mark.parametrize("kind", ["sd3", "pixart", "flux"])
+def test_cachedit_anchor_caches_and_removes_bit_exactly_without_touching_other_pipelines(kind):
+    """cache-dit patches ``pipe.__class__.__call__``: the anchor gives the pipeline a class of its own, so a
+    second pipeline of the same class (here patched by fastgen too) is untouched; remove is bit-exact."""
+    pipe, other = _pipe(kind), _pipe(kind)
+    ref, other_ref = _run(pipe), _run(other)
+    before = _snapshot(pipe)
+    fastgen.accelerate(other, "sampler:euler@6")
+    fastgen.accelerate(pipe, "anchor-cachedit:1,W1")  # threshold 1 caches every step after the warm-up
+    assert type(pipe) is not type(other)
+    assert fastgen.summary(pipe)["recipe"] == "anchor-cachedit:1,W1"
+    out = _run(pipe)
+    assert np.isfinite(out).all() and not np.array_equal(out, ref)
+    np.testing.assert_array_equal(_run(pipe), out)  # cache-dit's context is reset at every call
+    fastgen.remove(other)
+    np.testing.assert_array_equal(_run(other), other_ref)
+    fastgen.accelerate(pipe, "anchor-cachedit:0")  # applying again replaces; threshold 0 never caches
+    np.testing.assert_array_equal(_run(pipe), ref)
+    fastgen.remove(pipe)
+    after = _snapshot(pipe)
+    assert after["class"] is before["class"] and after["dicts"] == before["dicts"]
+    assert all(torch.equal(after["state"][k], v) for k, v in before["state"].items())
+    np.testing.assert_array_equal(_run(pipe), ref)
+
+
+@pytest.mark.skipif(not HAS_CACHEDIT, reason="cache-dit (extra 'anchors') is not installed")
+def test_cachedit_anchor_refuses_what_it_cannot_do_and_leaves_nothing_patched():
+    from fastgen.errors import IncompatibleTechniquesError
+
+    pipe = _pipe("sd3")  # 2 blocks
+    with pytest.raises(ValueError, match="must leave blocks to cache"):
+        fastgen.accelerate(pipe, "anchor-cachedit:0.1,F2")
+    assert fastgen.summary(pipe)["recipe"] == "baseline" and type(pipe).__name__ == "StableDiffusion3Pipeline"
+    with pytest.raises(IncompatibleTechniquesError, match="runs alone"):
+        fastgen.accelerate(pipe, "anchor-cachedit:0.1+blockcache:0.1")
+    fastgen.accelerate(pipe, "ras:0.5")
+    with pytest.raises(IncompatibleTechniquesError, match="runs alone"):
+        fastgen.accelerate(pipe, "anchor-cachedit:0.1")
+    fastgen.remove(pipe)
+    with pytest.raises(UnsupportedPipelineError):
+        fastgen.accelerate(_pipe("sd"), "anchor-cachedit:0.1")

@@ -4,7 +4,9 @@
 * ``"diffusers-taylorseer:5"`` — diffusers' ``TaylorSeerCacheConfig`` (cache interval 5, its defaults
   otherwise: 3 warm-up steps, order 1, bfloat16 factors);
 * ``"anchor-deepcache:3"`` — the ``DeepCache`` package's ``DeepCacheSDHelper`` as published (extra
-  ``anchors``: ``pip install 'fastgen[anchors]'``).
+  ``anchors``: ``pip install 'fastgen[anchors]'``);
+* ``"anchor-cachedit:0.08"`` — cache-dit's DBCache (``cache_dit.enable_cache(pipe, cache_config=DBCacheConfig(...))``)
+  on the DiT pipelines, as published (extra ``anchors``).
 
 diffusers' cache hooks need a cache context (``model.cache_context(name)``) around every denoiser call,
 and only some pipelines set one (FLUX does; SD1.5/SDXL/SD3/PixArt/Sana/Lumina2 do not, so every forward
@@ -29,7 +31,7 @@ from .deepcache import _HookBase, _StepTracker
 
 logger = get_logger(__name__)
 
-__all__ = ["DiffusersFBCConfig", "DiffusersTaylorSeerConfig", "AnchorDeepCacheConfig"]
+__all__ = ["DiffusersFBCConfig", "DiffusersTaylorSeerConfig", "AnchorDeepCacheConfig", "AnchorCacheDiTConfig"]
 
 _CTX_HOOK = "fastgen_cache_context"
 # families whose pipelines already wrap the denoiser call in ``cache_context``
@@ -100,6 +102,35 @@ class AnchorDeepCacheConfig:
     def __post_init__(self):
         if not isinstance(self.interval, int) or self.interval < 1 or not isinstance(self.branch, int) or self.branch < 0:
             raise ValueError(f"interval must be >= 1 and branch >= 0, got {self.interval!r}, {self.branch!r}")
+
+
+@dataclass(frozen=True)
+class AnchorCacheDiTConfig:
+    """cache-dit's DBCache (``cache_dit.DBCacheConfig``) as published, for side-by-side runs.
+
+    Attributes:
+        threshold: ``residual_diff_threshold`` (default 0.08, cache-dit's). The relative L1 change of the
+            first ``fn_blocks`` blocks' residual under which the middle blocks are skipped. Higher = faster
+            and lossier; 0.05-0.3 on trained models.
+        fn_blocks: ``Fn_compute_blocks`` (default 1; cache-dit's 8 asserts on models with fewer than 9
+            blocks). bn_blocks: ``Bn_compute_blocks`` (default 0).
+        warmup_steps: ``max_warmup_steps`` (default 8, cache-dit's): steps always computed at the start.
+        max_continuous: ``max_continuous_cached_steps`` (default -1, no limit).
+    What differs from ``blockcache:`` (ours): cache-dit accumulates the change over consecutive cached
+    steps and compares the accumulated value with the threshold; ours compares the change since the
+    last full step. cache-dit patches ``pipe.__class__.__call__``; fastgen gives the pipeline its own
+    subclass while this anchor is applied, so other pipelines of the same class are not affected.
+    """
+
+    threshold: float = 0.08
+    fn_blocks: int = 1
+    bn_blocks: int = 0
+    warmup_steps: int = 8
+    max_continuous: int = -1
+
+    def __post_init__(self):
+        if not self.threshold >= 0 or self.fn_blocks < 1 or self.bn_blocks < 0 or self.warmup_steps < 0:
+            raise ValueError(f"anchor-cachedit needs threshold >= 0, F >= 1, B >= 0, W >= 0; got {self}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -332,6 +363,114 @@ def remove_anchor_deepcache(pipe):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# cache-dit
+
+
+class _QuietCacheDiT:
+    """cache-dit logs at INFO on every enable/disable (its loggers do not propagate): raise them to ERROR."""
+
+    def __enter__(self):
+        import logging
+
+        self.saved = {}
+        for name, lg in list(logging.Logger.manager.loggerDict.items()):
+            if isinstance(lg, logging.Logger) and (name.startswith("cache_dit") or name == "CACHE_DIT"):
+                self.saved[name] = lg.level
+                lg.setLevel(logging.ERROR)
+        return self
+
+    def __exit__(self, *exc):
+        import logging
+
+        for name, level in self.saved.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def _restore_forward(model: torch.nn.Module, forward) -> None:
+    if forward is None:
+        model.__dict__.pop("forward", None)
+    else:
+        model.forward = forward
+
+
+def _drop_new_attributes(pipe, model: torch.nn.Module, keys: dict[int, set]) -> None:
+    for m in [pipe, *model.modules()]:
+        for k in set(m.__dict__) - keys.get(id(m), set()):
+            del m.__dict__[k]
+
+
+def apply_anchor_cachedit(pipe, config: AnchorCacheDiTConfig | None = None):
+    """``cache_dit.enable_cache(pipe, cache_config=DBCacheConfig(...))``. Returns ``pipe``."""
+    import os
+
+    config = config or AnchorCacheDiTConfig()
+    os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "warning")
+    cache_dit = require_extra("cache_dit", "anchors", "the anchor-cachedit recipe")
+    st = attach(pipe)
+    if "anchor-cachedit" in st.applied:
+        remove_anchor_cachedit(pipe)
+        st = attach(pipe)
+    model = st.adapter.denoiser(pipe)
+    n_blocks = len(st.adapter.blocks(pipe))
+    if config.fn_blocks + config.bn_blocks >= n_blocks:
+        detach_if_empty(pipe)
+        raise ValueError(f"anchor-cachedit: F{config.fn_blocks} + B{config.bn_blocks} must leave blocks to cache; "
+                         f"{type(model).__name__} has {n_blocks}")
+    forward = model.__dict__.get("forward")  # diffusers' hook registry's partial, or none
+    keys = {id(m): set(m.__dict__) for m in [pipe, *model.modules()]}  # cache-dit leaves stats attributes
+    shared_class = type(pipe)
+    # cache-dit assigns __call__ on pipe.__class__: give this pipeline a class of its own first
+    pipe.__class__ = type(shared_class.__name__, (shared_class,), {"__module__": shared_class.__module__})
+    pipe.__class__.__qualname__ = shared_class.__qualname__
+    cfg = cache_dit.DBCacheConfig(
+        Fn_compute_blocks=config.fn_blocks, Bn_compute_blocks=config.bn_blocks,
+        residual_diff_threshold=config.threshold, max_warmup_steps=config.warmup_steps,
+        max_continuous_cached_steps=config.max_continuous)
+    try:
+        with _QuietCacheDiT():
+            cache_dit.enable_cache(pipe, cache_config=cfg)
+    except Exception as e:
+        model.__dict__.pop("_original_forward", None)
+        with _QuietCacheDiT():
+            try:
+                cache_dit.disable_cache(pipe)
+            except Exception:  # noqa: BLE001 - nothing was installed
+                pass
+        _restore_forward(model, forward)
+        _drop_new_attributes(pipe, model, keys)
+        pipe.__class__ = shared_class
+        detach_if_empty(pipe)
+        raise UnsupportedPipelineError(f"anchor-cachedit: cache-dit refused {type(pipe).__name__}: "
+                                       f"{type(e).__name__}: {e}") from e
+    st.saved["anchor-cachedit"] = {"class": shared_class, "model": model, "forward": forward, "keys": keys}
+    st.applied["anchor-cachedit"] = config
+    return pipe
+
+
+def remove_anchor_cachedit(pipe):
+    """``cache_dit.disable_cache(pipe)`` and back to the shared class."""
+    st = get_state(pipe)
+    if st is None or "anchor-cachedit" not in st.applied:
+        return pipe
+    import cache_dit
+
+    saved = st.saved.pop("anchor-cachedit")
+    model = saved["model"]
+    # cache-dit restores with ``_original_forward.__get__(model)``, which a diffusers HookRegistry's
+    # ``functools.partial`` forward (fastgen's step counter) does not have: put the forward back first
+    original = model.__dict__.pop("_original_forward", None)
+    with _QuietCacheDiT():
+        cache_dit.disable_cache(pipe)
+    _restore_forward(model, saved["forward"])
+    del original
+    _drop_new_attributes(pipe, model, saved["keys"])
+    pipe.__class__ = saved["class"]
+    del st.applied["anchor-cachedit"]
+    detach_if_empty(pipe)
+    return pipe
+
+
+# ---------------------------------------------------------------------------------------------------------
 # recipes
 
 
@@ -385,6 +524,39 @@ register_technique(Technique(
     apply=apply_diffusers_taylorseer, remove=remove_diffusers_taylorseer, to_string=_ts_string, check=_taylorseer_check,
     help="anchor: diffusers' TaylorSeerCacheConfig on the attention modules (cache context supplied)",
     example="diffusers-taylorseer:5",
+))
+def _parse_cachedit(args: str | None) -> AnchorCacheDiTConfig:
+    if not args:
+        return AnchorCacheDiTConfig()
+    parts = [p.strip().lower() for p in args.split(",") if p.strip()]
+    kw: dict = {"threshold": float(parts[0])}
+    keys = {"f": "fn_blocks", "b": "bn_blocks", "w": "warmup_steps", "mc": "max_continuous"}
+    for p in parts[1:]:
+        key = "mc" if p.startswith("mc") else p[:1]
+        num = p[len(key):]
+        if key not in keys or not num.lstrip("-").isdigit():
+            raise ValueError(f"unknown option {p!r}; options: F<n> (head blocks), B<n> (tail blocks), W<n> (warm-up "
+                             "steps), MC<n> (max consecutive cached steps, -1 = no limit)")
+        kw[keys[key]] = int(num)
+    return AnchorCacheDiTConfig(**kw)
+
+
+def _cachedit_string(c: AnchorCacheDiTConfig) -> str:
+    d = AnchorCacheDiTConfig()
+    s = f"anchor-cachedit:{c.threshold:g}"
+    for attr, key in (("fn_blocks", "F"), ("bn_blocks", "B"), ("warmup_steps", "W"), ("max_continuous", "MC")):
+        if getattr(c, attr) != getattr(d, attr):
+            s += f",{key}{getattr(c, attr)}"
+    return s
+
+
+register_technique(Technique(
+    name="anchor-cachedit", config_cls=AnchorCacheDiTConfig, parse=_parse_cachedit, apply=apply_anchor_cachedit,
+    remove=remove_anchor_cachedit, to_string=_cachedit_string, families=("sd3", "flux", "pixart", "sana", "lumina2", "dit"),
+    incompatible={"*": "anchor-cachedit is a benchmark reference and runs alone (cache-dit replaces the "
+                       "denoiser's forward, which the other techniques' hooks would wrap)"},
+    help="anchor: cache-dit's DBCache as published (extra 'anchors'); F1 by default (cache-dit's F8 needs 9+ blocks)",
+    example="anchor-cachedit:0.08",
 ))
 register_technique(Technique(
     name="anchor-deepcache", config_cls=AnchorDeepCacheConfig, parse=_parse_deepcache, apply=apply_anchor_deepcache,
