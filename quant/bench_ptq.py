@@ -41,9 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     pipe = zoo.load_default(args.model)
     kw = zoo.call_kwargs(args.model)
 
+    from fastgen.utils.logging import quiet_diffusers
+
+    pipe.set_progress_bar_config(disable=True)
+
     def generate() -> list[np.ndarray]:
-        return [np.asarray(pipe(p, generator=torch.Generator().manual_seed(i), **kw).images[0])
-                for i, p in enumerate(prompts)]
+        with quiet_diffusers():  # no truncation notice per call
+            return [np.asarray(pipe(p, generator=torch.Generator().manual_seed(i), **kw).images[0])
+                    for i, p in enumerate(prompts)]
 
     fp = generate()
     apply_qalora(pipe, QALoRAConfig.from_string(args.bits))

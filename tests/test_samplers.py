@@ -105,3 +105,29 @@ def test_flow_samplers_run_on_flow_pipelines_and_refuse_epsilon_ones(name):
 
 def test_registry_lists_the_flow_samplers():
     assert {"lpl", "pseudo-corrector"} <= set(samplers.list())
+
+
+def test_sampler_table_on_the_shipped_model_scores_psnr_and_calls():
+    """``python -m samplers.table``: the reference row is the model's own sampler (PSNR inf), a sampler that
+    cannot drive the model is listed with the reason, Heun counts two calls per step but the last."""
+    from fastgen import zoo
+    from samplers.table import markdown, sampler_table
+
+    if not (zoo.weights_path("shapes-mmdit") / "model_index.json").exists():
+        pytest.skip("shapes-mmdit weights are not installed")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rows = sampler_table("shapes-mmdit", steps=(2, 3), reference=4, n=3, names=("euler", "ddim", "heun"))
+    finally:
+        torch.set_num_threads(n)
+    ref, default = rows[0], rows[1]
+    assert ref["steps"] == 4 and ref["calls"] == 4 and ref["psnr"] == float("inf")
+    assert default["steps"] == zoo.DEFAULTS["shapes-mmdit"]["num_inference_steps"] and np.isfinite(default["psnr"])
+    euler = [r for r in rows if r["sampler"] == "euler"]
+    assert [r["calls"] for r in euler] == [2, 3] and all(np.isfinite(r["psnr"]) for r in euler)
+    assert euler[1]["psnr"] > euler[0]["psnr"]  # closer to the 4-step reference with more steps
+    assert [r["calls"] for r in rows if r["sampler"] == "heun"] == [3, 5]
+    (ddim,) = [r for r in rows if r["sampler"] == "ddim"]
+    assert "epsilon" in ddim["skipped"]
+    assert "cannot drive this model" in markdown(rows)
