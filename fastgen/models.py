@@ -44,11 +44,14 @@ def load_model(name: str, device: str | torch.device | None = None, dtype: torch
     if os.path.isdir(name) or "/" in name:
         from diffusers import DiffusionPipeline
 
+        from fastgen.utils.io import dtype_kwarg
+
         local = os.path.isdir(name)
         if not local and name.startswith((".", "/")):
             raise ModelNotFoundError(f"no such model folder: {name}")
         try:
-            pipe = DiffusionPipeline.from_pretrained(name, local_files_only=local, torch_dtype=dtype or torch.float32)
+            pipe = DiffusionPipeline.from_pretrained(name, local_files_only=local,
+                                                     **dtype_kwarg(dtype or torch.float32))
         except (OSError, ValueError) as e:
             raise ModelNotFoundError(f"could not load a diffusers pipeline from {name!r}: {e}") from e
         pipe.set_progress_bar_config(disable=True)

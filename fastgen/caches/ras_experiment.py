@@ -377,10 +377,12 @@ def _load_folder(path: str):
             raise
     from diffusers import DiffusionPipeline
 
+    from fastgen.utils.io import dtype_kwarg
+
     with open(f"{path}/model_index.json") as fh:
         index = json.load(fh)
     missing = {k: None for k, v in index.items() if isinstance(v, list) and v[0] is None}
-    pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True, torch_dtype=torch.float32, **missing)
+    pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True, **dtype_kwarg(torch.float32), **missing)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

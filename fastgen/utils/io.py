@@ -98,3 +98,13 @@ class Resumable:
         self.load_state_dict(sd)
         logging.getLogger(type(self).__module__).info("resumed %s %s", self.checkpoint_path, self.resumed_message())
         return True
+
+
+def dtype_kwarg(dtype: Any) -> dict[str, Any]:
+    """``from_pretrained``'s dtype keyword for the installed diffusers: ``dtype`` where it is understood
+    (newer releases warn that ``torch_dtype`` is deprecated), else ``torch_dtype``."""
+    try:
+        from diffusers.pipelines import pipeline_utils
+    except ImportError:  # pragma: no cover - diffusers is a core dependency
+        return {"torch_dtype": dtype}
+    return {"dtype": dtype} if hasattr(pipeline_utils, "_resolve_dtype") else {"torch_dtype": dtype}

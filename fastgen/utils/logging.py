@@ -66,8 +66,9 @@ class quiet_diffusers:
 
 #: Third-party loggers that speak up when an optional backend is merely imported (``diffusers.hooks`` imports
 #: every quantization backend transformers knows): torchao's "Failed to load <cuda kernel>.so" on CPU
-#: machines, torch's pytree deprecation notices for torchao's enums and diffusers' "Unable to import torchao Tensor objects".
-_IMPORT_NOISE = ("torchao", "torch.utils._pytree", "diffusers.quantizers")
+#: machines, torch's pytree deprecation notices for torchao's enums, diffusers' "Unable to import torchao Tensor objects"
+#: and transformers' "<X>ImageProcessor requires torchvision; falling back to <X>ImageProcessorPil" (no image processor is used).
+_IMPORT_NOISE = ("torchao", "torch.utils._pytree", "diffusers.quantizers", "transformers.utils.import_utils")
 
 
 def quiet_import_noise() -> None:

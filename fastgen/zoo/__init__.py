@@ -249,8 +249,11 @@ def load_pipeline(path: str | Path, device: Any = None, dtype: Any = None):
     import torch
     from diffusers import DiffusionPipeline
 
+    from ..utils.io import dtype_kwarg
+
     check_weights(path)
-    pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, torch_dtype=dtype or torch.float32)
+    pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True,
+                                             **dtype_kwarg(dtype or torch.float32))
     pipe.set_progress_bar_config(disable=True)
     meta = Path(path) / "fastgen_zoo.json"
     if meta.exists() and json.loads(meta.read_text()).get("model") == "shapes-mmdit":
