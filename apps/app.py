@@ -38,13 +38,15 @@ from fastgen.utils.logging import get_logger
 logger = get_logger(__name__)
 
 __all__ = ["compare", "find_fastest", "PipelineCache", "build_app", "launch", "main", "TARGETS", "MOBILE_MESSAGE",
-           "TargetUnavailableError", "model_choices", "recipe_choices", "target_choices", "model_defaults",
+           "TargetUnavailableError", "is_mobile", "recipe_on_target", "MOBILE_DEFAULT", "model_choices", "recipe_choices", "target_choices", "model_defaults",
            "pareto_plot"]
 
-#: target label -> torch device ("mobile" has none yet: see MOBILE_MESSAGE)
-TARGETS: dict[str, str | None] = {"CPU": "cpu", "GPU (CUDA)": "cuda", "mobile (ExecuTorch)": None}
-MOBILE_MESSAGE = ('not available: the mobile target runs an ExecuTorch program, which needs the mobile extra '
-                  '(pip install "fastgen[mobile]") and `fastgen export`; neither is built yet. Use CPU or GPU.')
+#: target label -> torch device (mobile runs on this CPU, the denoiser through the ExecuTorch runtime)
+TARGETS: dict[str, str | None] = {"CPU": "cpu", "GPU (CUDA)": "cuda", "mobile (ExecuTorch)": "cpu"}
+MOBILE_MESSAGE = ('not available: the mobile target runs the denoiser as an ExecuTorch program (the `executorch` '
+                  'recipe), which needs the mobile extra: pip install "fastgen[mobile]". Use CPU or GPU.')
+#: What the mobile target adds to a recipe that does not choose its own ``executorch`` program.
+MOBILE_DEFAULT = "executorch:fp32"
 #: Prompts "Find fastest recipe" screens on for models without an evaluator.
 TUNE_PROMPTS = ("a red circle left of a blue square", "two green triangles", "a yellow square above a red circle",
                 "a blue circle")
@@ -60,16 +62,25 @@ class TargetUnavailableError(FastgenError):
 # --------------------------------------------------------------------------------------------------
 
 def target_choices() -> list[str]:
-    """CPU; GPU when torch sees CUDA; mobile always (selecting it explains why it is not available)."""
+    """CPU; GPU when torch sees CUDA; mobile always (without the mobile extra, selecting it says what to install)."""
     return [t for t in TARGETS if t != "GPU (CUDA)" or torch.cuda.is_available()]
+
+
+def is_mobile(target: str | None) -> bool:
+    """Whether ``target`` is the mobile (ExecuTorch) target."""
+    return (target or "").strip().lower().startswith("mobile")
 
 
 def resolve_target(target: str) -> str:
     """The torch device of a target label (``"CPU"``, ``"GPU (CUDA)"``, ``"mobile (ExecuTorch)"``; also
-    ``"cpu"``/``"cuda"``/``"gpu"``/``"mobile"``)."""
+    ``"cpu"``/``"cuda"``/``"gpu"``/``"mobile"``). Mobile runs on this CPU (see :func:`recipe_on_target`)."""
     key = (target or "CPU").strip().lower()
-    if key.startswith("mobile"):
-        raise TargetUnavailableError(MOBILE_MESSAGE)
+    if is_mobile(key):
+        import importlib.util
+
+        if importlib.util.find_spec("executorch") is None:
+            raise TargetUnavailableError(MOBILE_MESSAGE)
+        return "cpu"
     if key in ("cpu",):
         return "cpu"
     if key.startswith(("gpu", "cuda")):
@@ -77,6 +88,20 @@ def resolve_target(target: str) -> str:
             raise TargetUnavailableError("the GPU target needs a CUDA GPU and torch sees none here; use CPU")
         return "cuda"
     raise TargetUnavailableError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+
+
+def recipe_on_target(recipe: str, target: str | None) -> str:
+    """``recipe`` as run on ``target``: on mobile the denoiser runs as an ExecuTorch program, so a recipe that does
+    not pick its own (``executorch:w8``, ``executorch:w4``, ``executorch:fp32``) gets :data:`MOBILE_DEFAULT`
+    (float32, so baseline and accelerated compare the same program precision unless one asks for int)."""
+    if not is_mobile(target):
+        return recipe
+    configs = parse_recipe(recipe)
+    from fastgen.registry import technique_for_config
+
+    if any(technique_for_config(c).name == "executorch" for c in configs):
+        return recipe
+    return MOBILE_DEFAULT if recipe == "baseline" else recipe_string(parse_recipe(f"{recipe}+{MOBILE_DEFAULT}"))
 
 
 def _zoo_names() -> list[str]:
@@ -349,9 +374,9 @@ def compare(
     prompt = (prompt or "").strip()
     if not prompt:
         raise FastgenError("enter a prompt (a class name for class-conditional models)")
-    base_r = _norm_recipe(baseline_recipe, "baseline recipe")
-    cand_r = _norm_recipe(recipe, "accelerated recipe")
     device = resolve_target(target)
+    base_r = recipe_on_target(_norm_recipe(baseline_recipe, "baseline recipe"), target)
+    cand_r = recipe_on_target(_norm_recipe(recipe, "accelerated recipe"), target)
     if steps is None or int(steps) < 1:
         raise FastgenError(f"steps must be a positive integer, got {steps!r}")
     if seed is None or int(seed) < 0:
@@ -422,6 +447,9 @@ def find_fastest(
 
     b = parse_budget(budget)
     device = resolve_target(target)
+    if is_mobile(target):
+        raise FastgenError("the recipe search times on CPU or GPU; on the mobile target compare a recipe by hand "
+                           "(each mobile run exports ExecuTorch programs, too slow to search over)")
     model = (model or "").strip()
     if not model:
         raise FastgenError("choose a model first")
@@ -649,6 +677,9 @@ def build_app(model: str | None = None, *, steps: int | None = None, repeats: in
                 dev = resolve_target(t)
             except TargetUnavailableError as e:
                 return f"**{t}**: {e}"
+            if is_mobile(t):
+                return (f"runs on `{dev}` with the denoiser as an ExecuTorch XNNPACK program (exported on the first "
+                        f"run; a recipe without `executorch:w8|w4|fp32` gets `+{MOBILE_DEFAULT}`)")
             return f"runs on `{dev}`" + (f" ({torch.cuda.get_device_name(0)})" if dev == "cuda" else "")
 
         target_in.change(on_target, target_in, target_note, queue=False)

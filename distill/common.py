@@ -392,7 +392,7 @@ class TeacherPool:
                 parts.append(pipe(ps, num_inference_steps=self.steps, guidance_scale=self.guidance,
                                   generator=gens[i:i + self.chunk], height=self.hw[0], width=self.hw[1],
                                   output_type="latent", **self.family.call_extra()).images)
-            c, u = self.family.encode(ps)
+                c, u = self.family.encode(ps)
             conds.append(c)
             unconds.append(u)
         x0 = torch.cat(parts)

@@ -91,7 +91,8 @@ def _check_compatible(new: list[str], applied: list[str]) -> None:
                 continue
             ta, tb = get_technique(a), get_technique(b)
             ia, ib = ta.incompatible or {}, tb.incompatible or {}
-            reason = ia.get(b) or ib.get(a) or ia.get("*") or ib.get("*")
+            reason = (ia.get(b) or ib.get(a) or (None if b in ta.stacks_with else ia.get("*"))
+                      or (None if a in tb.stacks_with else ib.get("*")))
             if reason:
                 where = "already applied" if b in applied else "in the same recipe"
                 raise IncompatibleTechniquesError(f"{a} and {b} ({where}) cannot stack: {reason}")

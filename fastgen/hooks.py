@@ -59,7 +59,9 @@ def add_hook(module: torch.nn.Module, hook, name: str) -> None:
     fastgen's step counter, if present on ``module``, is kept outermost so that every other hook already
     sees the current call's step index in its ``pre_forward``. Hooks whose class sets ``fastgen_outer =
     True`` (those that change the batch every other hook should see, like ``gd``'s conditional half) stay
-    outside every hook registered after them, just inside the counter.
+    outside every hook registered after them, just inside the counter. Hooks whose class sets
+    ``fastgen_inner = True`` (a ``new_forward`` that replaces the module's computation, like the
+    ``executorch`` runtime) go innermost, under the hooks already there.
     """
     from diffusers.hooks import HookRegistry
 
@@ -69,7 +71,15 @@ def add_hook(module: torch.nn.Module, hook, name: str) -> None:
         module._fastgen_created_registry = True
     if name in registry.hooks:
         _splice_out(registry, name)
-    registry.register_hook(hook, name)
+    if getattr(hook, "fastgen_inner", False):  # replaces the module's own forward: every other hook wraps it
+        below = [(n, registry.hooks[n]) for n in registry._hook_order]
+        for n, _ in reversed(below):
+            registry.remove_hook(n, recurse=False)
+        registry.register_hook(hook, name)
+        for n, h in below:
+            registry.register_hook(h, n)
+    else:
+        registry.register_hook(hook, name)
     for other in [n for n, h in registry.hooks.items() if n != name and getattr(h, "fastgen_outer", False)]:
         h = registry.hooks[other]
         _splice_out(registry, other)

@@ -26,7 +26,7 @@ __all__ = ["Technique", "register_technique", "get_technique", "list_techniques"
            "technique_for_config", "recipe_string", "PLUGIN_MODULES"]
 
 #: Modules that register techniques when imported (later capabilities add theirs here).
-PLUGIN_MODULES: list[str] = ["fastgen.steps", "fastgen.guidance", "samplers", "fastgen.caches.tome", "fastgen.caches.stepcache", "fastgen.caches.anchors", "fastgen.caches.ras", "quant.recipe", "fastgen.ar.accel", "distill.recipe"]
+PLUGIN_MODULES: list[str] = ["fastgen.steps", "fastgen.guidance", "samplers", "fastgen.caches.tome", "fastgen.caches.stepcache", "fastgen.caches.anchors", "fastgen.caches.ras", "quant.recipe", "fastgen.ar.accel", "distill.recipe", "quant.mobile", "samplers.schedule", "samplers.skip_tuning"]
 
 _BASELINE = {"", "baseline", "none"}
 # '+' joins techniques only where a technique name follows ("dpm++2m" keeps its pluses)
@@ -51,7 +51,8 @@ class Technique:
         example: an example recipe string.
         incompatible: ``{other technique name: reason}`` pairs that cannot stack (checked both ways, against
             what is applied and within one ``accelerate`` call, before anything is patched); the name
-            ``"*"`` stands for every other technique (one that must run alone).
+            ``"*"`` stands for every other technique (one that must run alone) except those in ``stacks_with``.
+        stacks_with: with ``incompatible={"*": reason}``, the techniques that may still stack with it.
         order: where it goes within one ``accelerate`` call (lower first; stable otherwise). Techniques
             that replace a component (``gd``) use a negative order so the others patch the new one.
     """
@@ -69,6 +70,7 @@ class Technique:
     example: str = ""
     incompatible: dict[str, str] | None = None
     order: int = 0
+    stacks_with: tuple[str, ...] = ()
 
 
 _REGISTRY: dict[str, Technique] = {}

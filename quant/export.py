@@ -367,47 +367,19 @@ def _op_name(target) -> str:
     return s.split(".")[0]
 
 
-def export_executorch(pipe, out: str | os.PathLike, bits: int = 8, *, inputs: dict[str, Any] | None = None,
-                      call_kwargs: dict[str, Any] | None = None, group_size: int = 32, check: bool = True,
-                      repeats: int = 5) -> ExportReport:
-    """Write ``pipe``'s denoiser as an ExecuTorch program (XNNPACK) and check it (see the module docstring).
-
-    Args:
-        pipe: a diffusers pipeline (or a denoiser with ``inputs``); a QALoRA/PTQ-quantized one exports its
-            integer Linear weights.
-        out: the ``.pte`` path.
-        bits: weight bits of the quantized Linear layers: 8 (per channel) or 4 (per group of
-            ``group_size``), with 8-bit dynamic activations; 0 exports float32 (XNNPACK fp32).
-        inputs: example denoiser keyword arguments (default: captured from a short call of ``pipe`` with
-            ``call_kwargs``). The program has these fixed shapes.
-        check: run the ``.pte`` through ``executorch.runtime`` and compare with PyTorch.
-        repeats: timed runtime / PyTorch calls for the latency medians.
-
-    Raises:
-        MissingExtraError: executorch or torchao not installed (``pip install 'fastgen[mobile]'``).
-        ExportError: a layer that cannot be traced or an op without an ExecuTorch kernel (named).
-    """
-    if bits not in (0, 4, 8):
-        raise ValueError(f"bits must be 8, 4 (weights; activations are dynamic int8) or 0 (float32), got {bits!r}")
-    require_extra("executorch", "mobile", "ExecuTorch export")
-    from .deploy import _torchao
-
-    _torchao()
+def _write_pte(model: nn.Module, ints: dict[str, tuple[torch.Tensor, torch.Tensor, int]], bits: int, group_size: int,
+               names: list[str], args: tuple[torch.Tensor, ...], fixed: dict[str, Any], out: Path, what: str,
+               notes: list[str]) -> tuple[int, int, Counter, Counter]:
+    """Quantize the float denoiser ``model`` (in place), export it with ``args`` as the fixed example inputs, lower
+    it to XNNPACK and write ``out`` atomically. Returns ``(quantized layers, delegate segments, delegated ops,
+    portable ops)``; raises :class:`ExportError` naming the layer/op that cannot be exported or run."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
-    inputs = _example(pipe, inputs, call_kwargs)
-    names, args, fixed = _split(inputs)
-    original, model, ints = _float_copy(pipe)
-    notes: list[str] = []
-    with torch.no_grad():
-        ref_quant = original(**inputs)[0] if ints else None
-        ref = model(**inputs)[0]
     nq = _quantize_for_xnnpack(model, bits, ints, group_size, notes) if bits else 0
     if not bits and ints:
         notes.append("bits=0: exported the float weights of the QALoRA model's original layers")
     wrapper = DenoiserExportWrapper(model, names, fixed).eval()
-    what = f"ExecuTorch export of {type(original).__name__}"
     with _explicit_attention():
         ep = _export(wrapper, args, what)
     try:
@@ -441,12 +413,50 @@ def export_executorch(pipe, out: str | os.PathLike, bits: int = 8, *, inputs: di
         raise ExportError(f"{what}: ops with no ExecuTorch kernel and not taken by XNNPACK: " + "; ".join(missing[:8])
                           + ". Replace those layers (or keep them out of the exported denoiser)")
     prog = edge.to_executorch()
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     with open(tmp, "wb") as f:
         prog.write_to_file(f)
     os.replace(tmp, out)
+    return nq, segments, delegated, portable
+
+
+def export_executorch(pipe, out: str | os.PathLike, bits: int = 8, *, inputs: dict[str, Any] | None = None,
+                      call_kwargs: dict[str, Any] | None = None, group_size: int = 32, check: bool = True,
+                      repeats: int = 5) -> ExportReport:
+    """Write ``pipe``'s denoiser as an ExecuTorch program (XNNPACK) and check it (see the module docstring).
+
+    Args:
+        pipe: a diffusers pipeline (or a denoiser with ``inputs``); a QALoRA/PTQ-quantized one exports its
+            integer Linear weights.
+        out: the ``.pte`` path.
+        bits: weight bits of the quantized Linear layers: 8 (per channel) or 4 (per group of
+            ``group_size``), with 8-bit dynamic activations; 0 exports float32 (XNNPACK fp32).
+        inputs: example denoiser keyword arguments (default: captured from a short call of ``pipe`` with
+            ``call_kwargs``). The program has these fixed shapes.
+        check: run the ``.pte`` through ``executorch.runtime`` and compare with PyTorch.
+        repeats: timed runtime / PyTorch calls for the latency medians.
+
+    Raises:
+        MissingExtraError: executorch or torchao not installed (``pip install 'fastgen[mobile]'``).
+        ExportError: a layer that cannot be traced or an op without an ExecuTorch kernel (named).
+    """
+    if bits not in (0, 4, 8):
+        raise ValueError(f"bits must be 8, 4 (weights; activations are dynamic int8) or 0 (float32), got {bits!r}")
+    require_extra("executorch", "mobile", "ExecuTorch export")
+    from .deploy import _torchao
+
+    _torchao()
+    inputs = _example(pipe, inputs, call_kwargs)
+    names, args, fixed = _split(inputs)
+    original, model, ints = _float_copy(pipe)
+    notes: list[str] = []
+    with torch.no_grad():
+        ref_quant = original(**inputs)[0] if ints else None
+        ref = model(**inputs)[0]
+    out = Path(out)
+    nq, segments, delegated, portable = _write_pte(model, ints, bits, group_size, names, args, fixed, out,
+                                                   f"ExecuTorch export of {type(original).__name__}", notes)
     norm_ops = sorted(o for o in portable if "norm" in o or o.endswith("::mean"))
     if norm_ops:
         notes.append(f"norms run in ExecuTorch's portable kernels, not XNNPACK: {', '.join(norm_ops)}")

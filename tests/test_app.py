@@ -16,6 +16,8 @@ from fastgen.errors import RecipeError, UnsupportedPipelineError
 
 TINY_ZOO = {"shapes-mmdit": dict(hidden=32, layers=1, heads=2, text_hidden=16, text_layers=1)}
 
+HAS_EXECUTORCH = importlib.util.find_spec("executorch") is not None
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
@@ -70,7 +72,6 @@ def test_compare_against_a_non_baseline_recipe(cache):
     (dict(base="sampler:nope@2"), RecipeError, "baseline recipe: "),
     (dict(recipe="tome:0.99"), RecipeError, "accelerated recipe"),
     (dict(recipe="deepcache:3"), UnsupportedPipelineError, "blockcache"),
-    (dict(target="mobile (ExecuTorch)"), A.TargetUnavailableError, "fastgen export"),
     (dict(prompt="  "), fastgen.FastgenError, "enter a prompt"),
     (dict(model="no-such-model"), fastgen.FastgenError, "unknown model"),
 ])
@@ -86,13 +87,35 @@ def test_targets():
     assert "CPU" in choices and "mobile (ExecuTorch)" in choices
     assert ("GPU (CUDA)" in choices) == torch.cuda.is_available()
     assert A.resolve_target("CPU") == "cpu"
-    with pytest.raises(A.TargetUnavailableError, match='pip install "fastgen\\[mobile\\]"'):
-        A.resolve_target("mobile")
+    if HAS_EXECUTORCH:
+        assert A.resolve_target("mobile (ExecuTorch)") == "cpu"
+    else:
+        with pytest.raises(A.TargetUnavailableError, match='pip install "fastgen\\[mobile\\]"'):
+            A.resolve_target("mobile")
     if not torch.cuda.is_available():
         with pytest.raises(A.TargetUnavailableError, match="CUDA"):
             A.resolve_target("GPU (CUDA)")
     with pytest.raises(A.TargetUnavailableError, match="unknown target"):
         A.resolve_target("tpu")
+
+
+def test_recipe_on_mobile_target_runs_the_denoiser_as_an_executorch_program():
+    assert A.recipe_on_target("steps:2", "CPU") == "steps:2"
+    assert A.recipe_on_target("baseline", "mobile (ExecuTorch)") == "executorch:fp32"
+    assert A.recipe_on_target("sampler:unipc@4", "mobile") == "sampler:unipc@4+executorch:fp32"
+    assert A.recipe_on_target("steps:3+executorch:w4", "mobile") == "steps:3+executorch:w4"
+
+
+def test_mobile_target_errors_are_clear(cache):
+    if HAS_EXECUTORCH:  # a technique inside the denoiser cannot run in a fixed exported program
+        with pytest.raises(fastgen.FastgenError, match="cannot stack.*act around the denoiser"):
+            _compare(cache, recipe="blockcache:0.1", target="mobile (ExecuTorch)")
+    else:
+        with pytest.raises(A.TargetUnavailableError, match="fastgen\\[mobile\\]"):
+            _compare(cache, recipe="steps:1", target="mobile (ExecuTorch)")
+    with pytest.raises(fastgen.FastgenError, match="mobile target"):
+        A.find_fastest("tiny-sd3", "psnr>=30", 2, None, target="mobile (ExecuTorch)", cache=cache)
+    assert fastgen.summary(cache.get("tiny-sd3", "cpu").pipe)["recipe"] == "baseline"
 
 
 def test_class_conditional_prompt(cache):
