@@ -269,6 +269,19 @@ def _paired_ms(runtime_fn, torch_fn, repeats: int) -> tuple[float, float]:
     return statistics.median(ts[0]) * 1e3, statistics.median(ts[1]) * 1e3
 
 
+def match_runtime_threads() -> int:
+    """Size ExecuTorch's threadpool to torch's thread count (it defaults to every core), so runtime and PyTorch
+    timings compare at equal threads; returns the count. Call it between program runs, never during one."""
+    n = torch.get_num_threads()
+    try:
+        from executorch.extension.pybindings import portable_lib
+    except ImportError:
+        return n
+    if portable_lib._threadpool_get_thread_count() != n:
+        portable_lib._unsafe_reset_threadpool(n)
+    return n
+
+
 def _errors(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     out, ref = out.detach().float(), ref.detach().float()
     if out.shape != ref.shape:
@@ -476,6 +489,7 @@ def export_executorch(pipe, out: str | os.PathLike, bits: int = 8, *, inputs: di
         rep.max_abs_err, rep.rel_err = _errors(got, ref)
         if ref_quant is not None:
             rep.rel_err_vs_quant_model = _errors(got, ref_quant)[1]
+        match_runtime_threads()
         with torch.no_grad():
             rep.runtime_ms, rep.torch_ms = _paired_ms(lambda: method.execute(list(args)), lambda: original(**inputs),
                                                       repeats)
@@ -637,6 +651,7 @@ def export_onnx(pipe, out: str | os.PathLike, qdq_int8: bool = True, *, mode: st
         rep.max_abs_err, rep.rel_err = _errors(got, ref)
         if ref_quant is not None:
             rep.rel_err_vs_quant_model = _errors(got, ref_quant)[1]
+        match_runtime_threads()
         with torch.no_grad():
             rep.runtime_ms, rep.torch_ms = _paired_ms(lambda: sess.run(None, feeds), lambda: original(**inputs),
                                                       repeats)

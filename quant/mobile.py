@@ -15,7 +15,7 @@ of the denoiser taken when the recipe is applied, and cached for the pipeline's 
 recipe and across re-applications while the denoiser's weights are unchanged (about 10-60 s per signature for
 the default models; the benchmark's untimed quality pass pays it).
 
-Stacks with techniques that work around the denoiser (``steps``, ``sampler``, ``cfg-interval``, ``gd``;
+Stacks with techniques that work around the denoiser (``steps``, ``sampler``, ``schedule``, ``cfg-interval``, ``gd``;
 ``qalora`` exports its own integer weights and learned per-channel scales). Techniques that patch inside
 the denoiser (block/step caches, ToMe, RAS, real int8 kernels) cannot run inside a fixed exported graph
 and are refused with that reason. Needs the ``mobile`` extra (``pip install 'fastgen[mobile]'``).
@@ -43,7 +43,7 @@ from fastgen.hooks import HookBase, add_hook, attach, detach_if_empty, get_state
 from fastgen.registry import Technique, register_technique
 from fastgen.utils.logging import get_logger
 
-from .export import ExportError, _errors, _float_copy, _split, _write_pte
+from .export import ExportError, _errors, _float_copy, _split, _write_pte, match_runtime_threads
 from .qalora import get_denoiser
 
 logger = get_logger(__name__)
@@ -53,7 +53,7 @@ __all__ = ["ExecuTorchConfig", "apply_executorch", "remove_executorch", "executo
 _NAME = "executorch"
 _HOOK = "fastgen_executorch"
 #: Techniques that act around the denoiser and so still run with it as an exported program.
-STACKS_WITH = ("steps", "sampler", "cfg-interval", "gd", "qalora")
+STACKS_WITH = ("steps", "sampler", "schedule", "cfg-interval", "gd", "qalora")
 
 
 @dataclass(frozen=True)
@@ -226,6 +226,7 @@ class _ExecuTorchHook(HookBase):
         sample0 = {k: _dense(v[:1] if k in per else v) for k, v in tensors.items()}
         key = self._signature(sample0, fixed)
         prog = self.programs.get(key) or self._build(key, {**fixed, **sample0})
+        match_runtime_threads()  # the runtime uses torch's thread count, as the PyTorch baseline does
         t0 = time.perf_counter()
         outs = []
         for i in range(batch):

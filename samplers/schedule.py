@@ -384,18 +384,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {a.out}: {sch.kwarg} {[round(v, 4) for v in sch.values]} (loss {sch.loss:.4g}, stock "
           f"{sch.default_loss:.4g})")
     if a.eval:
-        rows = {}
+        from fastgen.bench.metrics import psnr
+
+        ref = evaluate_pipeline(pipe, a.model, n=a.eval, steps=a.reference, return_images=True)
+        print(f"reference {a.reference} steps: score {ref['overall']:.3f} single {ref.get('single', float('nan')):.3f}")
         for label, extra in ((f"stock {a.steps} steps", None), ("tuned", sch)):
             if extra is not None:
-                tmp = Path(a.out)
-                fastgen.accelerate(pipe, f"schedule:{tmp}")
+                fastgen.accelerate(pipe, f"schedule:{Path(a.out)}")
             try:
-                rows[label] = evaluate_pipeline(pipe, a.model, n=a.eval, steps=a.steps)
+                r = evaluate_pipeline(pipe, a.model, n=a.eval, steps=a.steps, return_images=True)
             finally:
                 if extra is not None:
                     fastgen.remove(pipe, "schedule")
-        for label, r in rows.items():
-            print(f"{label}: score {r['overall']:.3f} single {r.get('single', float('nan')):.3f}")
+            db = psnr(ref["images"], r["images"])
+            print(f"{label}: score {r['overall']:.3f} single {r.get('single', float('nan')):.3f}, PSNR vs "
+                  f"{a.reference} steps {db:.2f} dB")
     return 0
 
 

@@ -43,7 +43,7 @@ def test_parse_and_round_trip():
 def test_techniques_inside_the_denoiser_cannot_stack():
     pipe = tiny_pipeline("sd3")
     for other in ("blockcache:0.1", "tome:0.5", "ras:0.5", "int8"):
-        with pytest.raises(IncompatibleTechniquesError, match="fixed exported program.*steps, sampler, cfg-interval"):
+        with pytest.raises(IncompatibleTechniquesError, match="fixed exported program.*steps, sampler, schedule, cfg-interval"):
             fastgen.accelerate(pipe, f"{other}+executorch")
     assert fastgen.summary(pipe)["recipe"] == "baseline"
 

@@ -102,3 +102,18 @@ def test_shipped_schedule_loads_on_its_model():
     kw.pop("num_inference_steps", None)
     pipe("a red circle", num_inference_steps=28, generator=torch.Generator().manual_seed(0), output_type="latent", **kw)
     assert fastgen.summary(pipe)["last_call"]["steps_run"] == 8
+
+
+def test_cli_searches_and_scores_on_the_zoo_model(tmp_path, capsys):
+    from fastgen import zoo
+    from samplers.schedule import main
+
+    if not zoo.weights_path("shapes-mmdit").exists():
+        pytest.skip("shapes-mmdit weights not installed")
+    out = tmp_path / "s2.json"
+    assert main(["shapes-mmdit", "--steps", "2", "--sweeps", "1", "--prompts", "2", "--eval", "2", "--reference", "4",
+                 "--out", str(out), "--threads", "1"]) == 0
+    text = capsys.readouterr().out
+    sch = Schedule.load(out)
+    assert sch.steps == 2 and sch.loss <= sch.default_loss and sch.model == "shapes-mmdit"
+    assert "stock 2 steps: score" in text and "tuned: score" in text and "PSNR vs 4 steps" in text
