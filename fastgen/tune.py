@@ -33,6 +33,7 @@ baseline, dB), ``"ssim>=0.9"``.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 import math
@@ -144,7 +145,7 @@ def parse_budget(text: str | Budget) -> Budget:
 # --------------------------------------------------------------------------------------------------
 
 #: Techniques that reduce the number of denoiser steps; two of them never stack in one recipe.
-STEP_REDUCERS = ("sampler", "steps")
+STEP_REDUCERS = ("sampler", "steps", "schedule")
 #: Samplers searched at fewer steps (those a family cannot use are filtered out by their own check).
 SEARCHED_SAMPLERS = ("dpm++2m", "unipc", "pseudo-corrector")
 
@@ -174,7 +175,18 @@ SEARCH_SPACE: dict[str, Callable[[int, Sequence[float]], list[str]]] = {
     "cfg-interval": lambda steps, fr: ["cfg-interval:0.8", "cfg-interval:0.6", "cfg-interval:0.4"],
     # the guidance-distilled student shipped for a zoo teacher (skipped with the reason elsewhere)
     "gd": lambda steps, fr: ["gd"],
+    # the tuned schedules shipped for this model (samplers/schedules; a grid that takes ``pipe``)
+    "schedule": lambda steps, fr, pipe=None: _shipped_schedules(pipe, steps),
 }
+
+
+def _shipped_schedules(pipe, steps: int) -> list[str]:
+    """``schedule:NAME`` for every shipped schedule tuned on ``pipe``'s zoo model with fewer than ``steps`` steps."""
+    if pipe is None:
+        return []
+    from samplers.schedule import schedules_for
+
+    return [f"schedule:{name}" for name, n in schedules_for(pipe) if n < steps]
 
 
 def _techniques_of(recipe: str) -> list[str]:
@@ -228,7 +240,8 @@ def candidate_space(pipe, steps: int, *, step_fractions: Sequence[float] = (0.5,
             logger.debug("tune: technique %s has no search grid; not searched", tech.name)
             continue
         group = []
-        for r in grid(steps, step_fractions):
+        takes_pipe = "pipe" in inspect.signature(grid).parameters
+        for r in (grid(steps, step_fractions, pipe=pipe) if takes_pipe else grid(steps, step_fractions)):
             norm = recipe_string(parse_recipe(r))
             if norm in seen:
                 continue

@@ -49,7 +49,7 @@ from fastgen.utils.logging import get_logger
 logger = get_logger(__name__)
 
 __all__ = ["Schedule", "ScheduleConfig", "search_schedule", "schedule_kwarg", "apply_schedule", "remove_schedule",
-           "shipped_schedules", "SCHEDULES_DIR"]
+           "shipped_schedules", "schedules_for", "SCHEDULES_DIR"]
 
 _NAME = "schedule"
 #: Tuned schedules shipped with fastgen (``schedule:<file stem>``).
@@ -138,6 +138,33 @@ class Schedule:
 def shipped_schedules() -> list[str]:
     """Names of the schedules shipped in :data:`SCHEDULES_DIR` (``schedule:<name>``)."""
     return sorted(p.stem for p in SCHEDULES_DIR.glob("*.json"))
+
+
+def _zoo_name(pipe) -> str | None:
+    """The zoo model ``pipe`` was loaded from (by its folder), or None."""
+    from fastgen import zoo
+
+    path = getattr(pipe, "name_or_path", None) or getattr(getattr(pipe, "config", None), "_name_or_path", None)
+    if not path:
+        return None
+    for name in zoo.list():
+        folder = zoo.weights_path(name)
+        if folder.exists() and Path(str(path)).resolve() == folder.resolve():
+            return name
+    return None
+
+
+def schedules_for(pipe) -> list[tuple[str, int]]:
+    """``(name, steps)`` of the shipped schedules tuned on the zoo model ``pipe`` was loaded from."""
+    model = _zoo_name(pipe)
+    if model is None:
+        return []
+    out = []
+    for name in shipped_schedules():
+        sch = Schedule.load(SCHEDULES_DIR / f"{name}.json")
+        if sch.model == model:
+            out.append((name, sch.steps))
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -346,6 +373,7 @@ register_technique(Technique(
     to_string=lambda c: f"{_NAME}:{c.source}", summary=_summary, families=_families(),
     help="a tuned N-step timestep schedule (searched against a many-step run; samplers.schedule)",
     example="schedule:shapes-mmdit-euler8", order=1,
+    incompatible={"steps": "a schedule fixes the step count itself (its length)"},
 ))
 
 

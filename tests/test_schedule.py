@@ -117,3 +117,19 @@ def test_cli_searches_and_scores_on_the_zoo_model(tmp_path, capsys):
     sch = Schedule.load(out)
     assert sch.steps == 2 and sch.loss <= sch.default_loss and sch.model == "shapes-mmdit"
     assert "stock 2 steps: score" in text and "tuned: score" in text and "PSNR vs 4 steps" in text
+
+
+def test_tune_searches_the_schedules_shipped_for_the_model():
+    from fastgen import zoo
+    from fastgen.tune import candidate_space
+
+    tiny = tiny_pipeline("sd3")
+    assert not [c for c in candidate_space(tiny, 28)[0] if c.startswith("schedule:")]
+    if not zoo.weights_path("shapes-mmdit").exists():
+        pytest.skip("shapes-mmdit weights not installed")
+    pipe = zoo.load_default("shapes-mmdit")
+    cands, _ = candidate_space(pipe, 28)
+    assert "schedule:shapes-mmdit-euler8" in cands
+    assert fastgen.summary(pipe)["recipe"] == "baseline"
+    with pytest.raises(fastgen.FastgenError, match="fixes the step count"):
+        fastgen.accelerate(pipe, "steps:4+schedule:shapes-mmdit-euler8")
