@@ -269,17 +269,40 @@ def _paired_ms(runtime_fn, torch_fn, repeats: int) -> tuple[float, float]:
     return statistics.median(ts[0]) * 1e3, statistics.median(ts[1]) * 1e3
 
 
+_POOL = {"loaded": False, "warned": False}
+
+
 def match_runtime_threads() -> int:
     """Size ExecuTorch's threadpool to torch's thread count (it defaults to every core), so runtime and PyTorch
-    timings compare at equal threads; returns the count. Call it between program runs, never during one."""
+    timings compare at equal threads; returns the runtime's thread count.
+
+    Resizing the pool under an XNNPACK program that is already loaded crashes the process, so this resizes
+    only before this process loads its first program (call it right before loading) and otherwise leaves
+    the pool as it is, with one warning when the counts differ."""
     n = torch.get_num_threads()
     try:
         from executorch.extension.pybindings import portable_lib
     except ImportError:
         return n
-    if portable_lib._threadpool_get_thread_count() != n:
-        portable_lib._unsafe_reset_threadpool(n)
-    return n
+    have = portable_lib._threadpool_get_thread_count()
+    if have != n:
+        if not _POOL["loaded"]:
+            portable_lib._unsafe_reset_threadpool(n)
+            have = n
+        elif not _POOL["warned"]:
+            _POOL["warned"] = True
+            logger.warning("ExecuTorch runs on %d threads, torch on %d: the runtime's pool cannot be resized once a "
+                           "program is loaded; set torch's threads before the first export", have, n)
+    return have
+
+
+def _load_method(path):
+    """``forward`` of the program at ``path``, loaded through ``executorch.runtime`` at torch's thread count."""
+    from executorch.runtime import Runtime
+
+    match_runtime_threads()
+    _POOL["loaded"] = True
+    return Runtime.get().load_program(path).load_method("forward")
 
 
 def _errors(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
@@ -479,9 +502,7 @@ def export_executorch(pipe, out: str | os.PathLike, bits: int = 8, *, inputs: di
         inputs={k: list(v.shape) for k, v in zip(names, args)}, quantized_layers=nq,
         delegated_ops=dict(delegated), portable_ops=dict(portable), delegate_segments=segments, notes=notes)
     if check:
-        from executorch.runtime import Runtime
-
-        method = Runtime.get().load_program(out).load_method("forward")
+        method = _load_method(out)
         try:
             got = method.execute(list(args))[0]
         except Exception as e:
@@ -489,7 +510,6 @@ def export_executorch(pipe, out: str | os.PathLike, bits: int = 8, *, inputs: di
         rep.max_abs_err, rep.rel_err = _errors(got, ref)
         if ref_quant is not None:
             rep.rel_err_vs_quant_model = _errors(got, ref_quant)[1]
-        match_runtime_threads()
         with torch.no_grad():
             rep.runtime_ms, rep.torch_ms = _paired_ms(lambda: method.execute(list(args)), lambda: original(**inputs),
                                                       repeats)
@@ -651,7 +671,6 @@ def export_onnx(pipe, out: str | os.PathLike, qdq_int8: bool = True, *, mode: st
         rep.max_abs_err, rep.rel_err = _errors(got, ref)
         if ref_quant is not None:
             rep.rel_err_vs_quant_model = _errors(got, ref_quant)[1]
-        match_runtime_threads()
         with torch.no_grad():
             rep.runtime_ms, rep.torch_ms = _paired_ms(lambda: sess.run(None, feeds), lambda: original(**inputs),
                                                       repeats)

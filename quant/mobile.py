@@ -43,7 +43,7 @@ from fastgen.hooks import HookBase, add_hook, attach, detach_if_empty, get_state
 from fastgen.registry import Technique, register_technique
 from fastgen.utils.logging import get_logger
 
-from .export import ExportError, _errors, _float_copy, _split, _write_pte, match_runtime_threads
+from .export import ExportError, _errors, _float_copy, _load_method, _split, _write_pte
 from .qalora import get_denoiser
 
 logger = get_logger(__name__)
@@ -180,8 +180,6 @@ class _ExecuTorchHook(HookBase):
                 tuple(sorted((k, repr(v)) for k, v in fixed.items())))
 
     def _build(self, key: tuple, sample: dict[str, Any]) -> _Program:
-        from executorch.runtime import Runtime
-
         names, args, fixed = _split(sample)
         out = Path(self.workdir) / f"denoiser-{len(self.programs)}.pte"
         notes: list[str] = []
@@ -195,7 +193,7 @@ class _ExecuTorchHook(HookBase):
             warnings.simplefilter("ignore", FutureWarning)
             nq, _, _, portable = _write_pte(model, self.ints, self.config.bits, self.config.group_size, names, args,
                                             fixed, out, f"ExecuTorch export of {self.owner}", notes)
-        method = Runtime.get().load_program(out).load_method("forward")
+        method = _load_method(out)
         prog = _Program(method=method, path=str(out), seconds=time.perf_counter() - t0, bytes=out.stat().st_size,
                         quantized_layers=nq, portable_ops=dict(portable))
         try:
@@ -226,7 +224,6 @@ class _ExecuTorchHook(HookBase):
         sample0 = {k: _dense(v[:1] if k in per else v) for k, v in tensors.items()}
         key = self._signature(sample0, fixed)
         prog = self.programs.get(key) or self._build(key, {**fixed, **sample0})
-        match_runtime_threads()  # the runtime uses torch's thread count, as the PyTorch baseline does
         t0 = time.perf_counter()
         outs = []
         for i in range(batch):
