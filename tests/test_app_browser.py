@@ -204,7 +204,7 @@ def test_two_tabs_generate_at_once(served, browser, tmp_path):
 
 
 #: The recipe `fastgen tune` found on shapes-mmdit (README, "fastgen tune"); override with FASTGEN_SHOWCASE_RECIPE.
-SHOWCASE_RECIPE = os.environ.get("FASTGEN_SHOWCASE_RECIPE", "gd+int8:dynamic+sampler:unipc@14+blockcache:0.15,MC4,taylor")
+SHOWCASE_RECIPE = os.environ.get("FASTGEN_SHOWCASE_RECIPE", "schedule:shapes-mmdit-euler4+gd+int8:dynamic")
 
 
 @pytest.mark.slow
