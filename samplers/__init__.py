@@ -35,9 +35,12 @@ _list = list  # ``list`` is exported as the registry listing below
 
 def is_flow_scheduler(scheduler) -> bool:
     """True when ``scheduler`` integrates a flow-matching (velocity) model."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
     cfg = scheduler.config
     return (
-        type(scheduler).__name__.startswith("FlowMatch")
+        isinstance(scheduler, FlowMatchEulerDiscreteScheduler)  # incl. samplers.flow's pseudo-corrector and LPL
+        or type(scheduler).__name__.startswith("FlowMatch")
         or bool(cfg.get("use_flow_sigmas", False))
         or cfg.get("prediction_type") == "flow_prediction"
     )

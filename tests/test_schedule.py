@@ -133,3 +133,12 @@ def test_tune_searches_the_schedules_shipped_for_the_model():
     assert fastgen.summary(pipe)["recipe"] == "baseline"
     with pytest.raises(fastgen.FastgenError, match="fixes the step count"):
         fastgen.accelerate(pipe, "steps:4+schedule:shapes-mmdit-euler8")
+
+
+def test_flow_samplers_derived_from_flowmatch_take_sigmas():
+    pipe = tiny_pipeline("sd3")
+    for name in ("pseudo-corrector", "lpl"):
+        samplers.set_sampler(pipe, name)
+        assert samplers.is_flow_scheduler(pipe.scheduler) and schedule_kwarg(pipe.scheduler) == "sigmas"
+        _latents(pipe, ["a red circle"], [0], _kw(pipe), sigmas=[1.0, 0.6, 0.2])
+        samplers.remove_sampler(pipe)
