@@ -22,6 +22,8 @@ from .utils.logging import get_logger
 logger = get_logger(__name__)
 
 DEMO_RECIPE = "sampler:dpm++2m@8"
+#: The demo's recipe per zoo model where a better one ships (the tuned 8-step schedule: 3.2x at 0.590 vs 0.610).
+DEMO_RECIPES = {"shapes-mmdit": "schedule:shapes-mmdit-euler8"}
 #: The trained default model (``fastgen/zoo``); ``FALLBACK_MODEL`` when its weights are not installed.
 DEFAULT_MODEL = "shapes-mmdit"
 FALLBACK_MODEL = "tiny-sd3"
@@ -186,6 +188,7 @@ def cmd_demo(args) -> int:
     from .bench import benchmark, markdown_table, write_json
     from .registry import parse_recipe
 
+    args.recipe = args.recipe or DEMO_RECIPES.get(args.model, DEMO_RECIPE)
     parse_recipe(args.recipe)
     if args.model == FALLBACK_MODEL and _default_model() == FALLBACK_MODEL:
         sys.stderr.write(f"fastgen demo: the weights of {DEFAULT_MODEL!r} are not installed; running on the tiny "
@@ -400,7 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="baseline vs an accelerated recipe on the default model: table + image grid")
     _add_common(p)
-    p.add_argument("--recipe", default=DEMO_RECIPE, help=f"accelerated recipe (default {DEMO_RECIPE})")
+    p.add_argument("--recipe", default=None, help="accelerated recipe (default: " + ", ".join(
+        f"{r} on {m}" for m, r in DEMO_RECIPES.items()) + f", else {DEMO_RECIPE})")
     p.add_argument("--out", default="fastgen-demo", help="output folder for grid.png and results")
     p.set_defaults(func=cmd_demo)
 

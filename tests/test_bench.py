@@ -154,7 +154,7 @@ def test_demo_and_bench_default_to_the_zoo_model_with_evaluator_scores(tmp_path,
     assert cli.main(["demo", "--steps", "2", "--prompts-n", "3", "--repeats", "1", "--out", str(out), "--no-progress"]) == 0
     rows = json.loads((out / "results.json").read_text())
     rows = rows["rows"] if isinstance(rows, dict) else rows
-    assert [r["recipe"] for r in rows] == ["baseline", "sampler:dpm++2m@8"]
+    assert [r["recipe"] for r in rows] == ["baseline", "schedule:shapes-mmdit-euler8"]  # the model's tuned schedule
     for r in rows:
         assert r["model"] == "shapes-mmdit" and r["n_images"] == 3 and 0.0 <= r["score"] <= 1.0
         assert "score_color" in r
