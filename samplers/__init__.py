@@ -150,6 +150,22 @@ def make_scheduler(name: str, original_scheduler):
     return _SAMPLERS[name][0](original_scheduler)
 
 
+#: Families whose pipelines pass custom ``sigmas`` to the scheduler on every call (Lumina2Pipeline): a scheduler
+#: whose ``set_timesteps`` takes none fails there at call time, so it is refused when set.
+ALWAYS_SIGMAS = ("lumina2",)
+
+
+def _check_takes_sigmas(pipe, name: str, scheduler) -> None:
+    import inspect
+
+    from fastgen.adapters import get_adapter
+
+    if get_adapter(pipe).family in ALWAYS_SIGMAS and "sigmas" not in inspect.signature(scheduler.set_timesteps).parameters:
+        ok = [n for n in list() if n in ("euler", "unipc", "pseudo-corrector", "lpl")]
+        raise ValueError(f"{type(pipe).__name__} passes custom sigmas to its scheduler on every call and {name}'s "
+                         f"{type(scheduler).__name__} takes none; use " + ", ".join(f"'{n}'" for n in ok))
+
+
 @dataclass(frozen=True)
 class SamplerConfig:
     """Swap the pipeline's scheduler for a registered sampler.
@@ -211,6 +227,7 @@ def set_sampler(pipe, name: str | SamplerConfig = "dpm++2m", steps: int | None =
     st = get_state(pipe)
     original = st.saved[_NAME] if st is not None and _NAME in st.saved else pipe.scheduler
     new = make_scheduler(config.name, original)  # raises before anything is patched
+    _check_takes_sigmas(pipe, config.name, new)
     st = attach(pipe)
     st.saved[_NAME] = original
     denoiser = st.adapter.denoiser(pipe)
@@ -261,7 +278,7 @@ def _summary(pipe) -> dict:
 def _check(pipe, adapter, config: SamplerConfig) -> None:
     if adapter.family not in DIFFUSION_FAMILIES:  # accelerate() names the supported families
         return
-    make_scheduler(config.name, pipe.scheduler)
+    _check_takes_sigmas(pipe, config.name, make_scheduler(config.name, pipe.scheduler))
 
 
 register_technique(Technique(
