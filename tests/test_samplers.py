@@ -178,3 +178,47 @@ def test_every_sampler_runs_or_is_refused_clearly_on_every_family(kind):
         finally:
             fastgen.remove(pipe)
         assert np.isfinite(out).all(), (kind, name)
+
+
+def _eps_original():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                         set_alpha_to_one=False)
+
+
+def _integrate_eps(name, steps, z, mu):
+    """Run the registered epsilon sampler ``name`` (SD's scaled-linear betas) with the exact epsilon of point-mass
+    data x0 = mu: eps(x_t) = (x_t - sqrt(ab) mu) / sqrt(1 - ab). Returns (output, ab at the first step)."""
+    sch = samplers.make_scheduler(name, _eps_original())
+    sch.set_timesteps(steps)
+    x, ab_first = z * sch.init_noise_sigma, None
+    for i, t in enumerate(sch.timesteps):
+        if name == "ddim":
+            ab = float(sch.alphas_cumprod[int(t)])
+        else:  # the solver's own sigma for this step (Karras sigmas sit between integer timesteps)
+            sigma = float(sch.sigmas[i if sch.step_index is None else sch.step_index])
+            ab = 1.0 / (1.0 + sigma**2)
+        ab_first = ab if ab_first is None else ab_first
+        u = sch.scale_model_input(x, t)
+        x = sch.step((u - ab**0.5 * mu) / (1 - ab) ** 0.5, t, x).prev_sample
+    return x, ab_first
+
+
+@pytest.mark.parametrize("name", ["ddim", "euler", "heun", "dpm++2m", "dpm++2m-karras", "unipc"])
+def test_registered_epsilon_samplers_are_exact_on_point_mass_data(name):
+    """For point-mass data the probability-flow ODE is linear in the solvers' own coordinates, so every epsilon
+    sampler must land exactly on its closed-form endpoint at any step count: x0 = mu for the samplers that end at
+    sigma = 0, and sqrt(ab_0) mu + sqrt(1 - ab_0) eps for DDIM, which stops at the first training timestep
+    (``set_alpha_to_one=False``, as SD configures it)."""
+    mu = 1.5
+    z = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
+    for steps in (3, 8):
+        out, ab_first = _integrate_eps(name, steps, z, mu)
+        eps = (z - ab_first**0.5 * mu) / (1 - ab_first) ** 0.5  # constant along the ODE for point-mass data
+        if name == "ddim":
+            ab_end = float(_eps_original().alphas_cumprod[0])
+            exact = ab_end**0.5 * mu + (1 - ab_end) ** 0.5 * eps
+        else:
+            exact = torch.full_like(z, mu)
+        assert (out - exact).abs().max().item() < 1e-3, (name, steps)
