@@ -210,7 +210,7 @@ SHOWCASE_RECIPE = os.environ.get("FASTGEN_SHOWCASE_RECIPE", "schedule:shapes-mmd
 @pytest.mark.slow
 def test_zoo_model_with_the_tuned_recipe_side_by_side(browser, tmp_path):
     """The acceptance view: shapes-mmdit at its default 28-step CFG call against the tuned recipe, with the
-    evaluator's verdict; the screenshot is the README's (``FASTGEN_ARTIFACTS=apps`` writes it there)."""
+    evaluator's verdict; the README's screenshot (``FASTGEN_ARTIFACTS=DIR`` saves it as DIR/fastgen-app-shapes-mmdit.png)."""
     from fastgen import zoo
 
     if not (zoo.weights_path("shapes-mmdit") / "model_index.json").exists():
