@@ -19,12 +19,7 @@ TINY_ZOO = {"shapes-mmdit": dict(hidden=32, layers=1, heads=2, text_hidden=16, t
 HAS_EXECUTORCH = importlib.util.find_spec("executorch") is not None
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

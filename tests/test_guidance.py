@@ -10,12 +10,7 @@ from fastgen.guidance import FAMILIES, CFGIntervalConfig, apply_cfg_interval, re
 from fastgen.testing import default_call_kwargs, tiny_pipeline
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _run(pipe, steps=4, guidance=5.0, **extra):

@@ -22,12 +22,7 @@ W4A8 = quant.QALoRAConfig(w_bits=4, a_bits=8, rank=4, eight_bit=())
 W8A8 = quant.QALoRAConfig(w_bits=8, a_bits=8, rank=4, eight_bit=())
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _pipe(kind):

@@ -22,12 +22,7 @@ HAS_ORT = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxscr
 HAS_ET = importlib.util.find_spec("executorch") is not None and HAS_TORCHAO
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _pipe():

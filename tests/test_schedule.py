@@ -13,12 +13,7 @@ from fastgen.testing import default_call_kwargs, tiny_pipeline
 from samplers.schedule import Schedule, _default_values, _latents, schedule_kwarg, search_schedule
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _kw(pipe):

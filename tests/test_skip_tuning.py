@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
 
 import fastgen
 from fastgen.errors import RecipeError, UnsupportedPipelineError
@@ -10,12 +9,7 @@ from fastgen.testing import default_call_kwargs, tiny_pipeline
 from samplers.skip_tuning import SkipTuningConfig, search_skip_tuning, skip_scales
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _img(pipe):

@@ -19,12 +19,7 @@ HAS_DEEPCACHE = importlib.util.find_spec("DeepCache") is not None
 HAS_CACHEDIT = importlib.util.find_spec("cache_dit") is not None
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _pipe(kind, **kw):

@@ -3,7 +3,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 import fastgen
 from fastgen.bench import BenchSettings
@@ -22,13 +21,7 @@ from fastgen.tune import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Timing-heavy tests on a shared 2-core machine: one torch thread (restored after)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
