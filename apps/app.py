@@ -155,7 +155,7 @@ def recipe_choices(steps: int = 28) -> list[str]:
     out = ["baseline"]
     for tech in list_techniques():
         grid = SEARCH_SPACE.get(tech.name)
-        items = ([tech.example] if tech.example else []) + (grid(steps, (0.5, 0.25)) if grid else [])
+        items = ([tech.example] if tech.example else []) + (grid(steps, (0.5, 0.25), None) if grid else [])
         for r in items:
             try:
                 norm = recipe_string(parse_recipe(r))

@@ -33,13 +33,12 @@ baseline, dB), ``"ssim>=0.9"``.
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import json
 import math
 import re
 from dataclasses import dataclass, field, replace
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -158,25 +157,25 @@ def step_levels(steps: int, fractions: Sequence[float] = (0.5, 0.34, 0.25)) -> l
     return [n for n in out if n < steps]
 
 
-def _grid_sampler(steps: int, fractions: Sequence[float]) -> list[str]:
+def _grid_sampler(steps: int, fractions: Sequence[float], pipe=None) -> list[str]:
     return [f"sampler:{name}@{n}" for n in step_levels(steps, fractions) for name in SEARCHED_SAMPLERS]
 
 
-#: technique name -> ``grid(steps, step_fractions) -> recipes``, mild to aggressive. Techniques registered
-#: without an entry here (anchors, trained or calibrated methods) are not searched; pass them in
-#: ``TuneConfig.extra`` to include a specific recipe.
-SEARCH_SPACE: dict[str, Callable[[int, Sequence[float]], list[str]]] = {
+#: technique name -> ``grid(steps, step_fractions, pipe) -> recipes``, mild to aggressive (``pipe`` is the pipeline
+#: being tuned, or None when only suggestions are wanted). Techniques registered without an entry here (anchors,
+#: trained or calibrated methods) are not searched; pass them in ``TuneConfig.extra`` to include a specific recipe.
+SEARCH_SPACE: dict[str, Callable[[int, Sequence[float], Any], list[str]]] = {
     "sampler": _grid_sampler,
-    "steps": lambda steps, fr: [f"steps:{n}" for n in step_levels(steps, fr)],
-    "deepcache": lambda steps, fr: ["deepcache:2", "deepcache:3", "deepcache:5"],
-    "blockcache": lambda steps, fr: ["blockcache:slow", "blockcache:medium", "blockcache:fast"],
-    "ras": lambda steps, fr: ["ras:slow", "ras:medium", "ras:fast"],
-    "tome": lambda steps, fr: ["tome:slow", "tome:medium", "tome:fast"],
-    "cfg-interval": lambda steps, fr: ["cfg-interval:0.8", "cfg-interval:0.6", "cfg-interval:0.4"],
+    "steps": lambda steps, fr, pipe: [f"steps:{n}" for n in step_levels(steps, fr)],
+    "deepcache": lambda steps, fr, pipe: ["deepcache:2", "deepcache:3", "deepcache:5"],
+    "blockcache": lambda steps, fr, pipe: ["blockcache:slow", "blockcache:medium", "blockcache:fast"],
+    "ras": lambda steps, fr, pipe: ["ras:slow", "ras:medium", "ras:fast"],
+    "tome": lambda steps, fr, pipe: ["tome:slow", "tome:medium", "tome:fast"],
+    "cfg-interval": lambda steps, fr, pipe: ["cfg-interval:0.8", "cfg-interval:0.6", "cfg-interval:0.4"],
     # the guidance-distilled student shipped for a zoo teacher (skipped with the reason elsewhere)
-    "gd": lambda steps, fr: ["gd"],
-    # the tuned schedules shipped for this model (samplers/schedules; a grid that takes ``pipe``)
-    "schedule": lambda steps, fr, pipe=None: _shipped_schedules(pipe, steps),
+    "gd": lambda steps, fr, pipe: ["gd"],
+    # the tuned schedules shipped for this pipeline's zoo model (samplers/schedules)
+    "schedule": lambda steps, fr, pipe: _shipped_schedules(pipe, steps),
 }
 
 
@@ -240,8 +239,7 @@ def candidate_space(pipe, steps: int, *, step_fractions: Sequence[float] = (0.5,
             logger.debug("tune: technique %s has no search grid; not searched", tech.name)
             continue
         group = []
-        takes_pipe = "pipe" in inspect.signature(grid).parameters
-        for r in (grid(steps, step_fractions, pipe=pipe) if takes_pipe else grid(steps, step_fractions)):
+        for r in grid(steps, step_fractions, pipe):
             norm = recipe_string(parse_recipe(r))
             if norm in seen:
                 continue
