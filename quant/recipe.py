@@ -39,13 +39,11 @@ CALIBRATION_STEPS = 8
 def _shipped_file(pipe, config: QALoRAConfig) -> Path | None:
     from fastgen import zoo
 
-    for name in zoo.list():
-        folder = zoo.weights_path(name)
-        path = getattr(pipe, "name_or_path", None) or getattr(getattr(pipe, "config", None), "_name_or_path", None)
-        if path and folder.exists() and Path(str(path)).resolve() == folder.resolve():
-            f = folder.parent / f"{name}-{config.bits}.safetensors"
-            return f if f.exists() else None
-    return None
+    name = zoo.name_of(pipe)
+    if name is None:
+        return None
+    f = zoo.weights_path(name).parent / f"{name}-{config.bits}.safetensors"
+    return f if f.exists() else None
 
 
 def apply_qalora_recipe(pipe, config: QALoRAConfig | None = None):

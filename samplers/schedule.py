@@ -140,23 +140,11 @@ def shipped_schedules() -> list[str]:
     return sorted(p.stem for p in SCHEDULES_DIR.glob("*.json"))
 
 
-def _zoo_name(pipe) -> str | None:
-    """The zoo model ``pipe`` was loaded from (by its folder), or None."""
-    from fastgen import zoo
-
-    path = getattr(pipe, "name_or_path", None) or getattr(getattr(pipe, "config", None), "_name_or_path", None)
-    if not path:
-        return None
-    for name in zoo.list():
-        folder = zoo.weights_path(name)
-        if folder.exists() and Path(str(path)).resolve() == folder.resolve():
-            return name
-    return None
-
-
 def schedules_for(pipe) -> list[tuple[str, int]]:
     """``(name, steps)`` of the shipped schedules tuned on the zoo model ``pipe`` was loaded from."""
-    model = _zoo_name(pipe)
+    from fastgen import zoo
+
+    model = zoo.name_of(pipe)
     if model is None:
         return []
     out = []

@@ -27,7 +27,7 @@ from fastgen.errors import FastgenError
 
 __all__ = [
     "MODELS", "DEFAULTS", "WEIGHTS_DIR", "list", "load_default", "load_pipeline", "check_weights", "call_kwargs",
-    "weights_path", "WeightsNotFoundError", "WeightsError", "AR_MODELS", "STUDENTS", "world_of",
+    "weights_path", "name_of", "WeightsNotFoundError", "WeightsError", "AR_MODELS", "STUDENTS", "world_of",
 ]
 
 #: Distilled students shipped next to their teachers (``student -> teacher``), trained by ``distill/``.
@@ -90,6 +90,19 @@ def world_of(name: str) -> str:
 def weights_path(name: str) -> Path:
     """The folder the shipped weights of ``name`` live in (it may not exist yet)."""
     return WEIGHTS_DIR / _check_name(name)
+
+
+def name_of(pipe) -> str | None:
+    """The zoo model ``pipe`` was loaded from (its ``name_or_path`` is that model's weights folder), or None."""
+    path = getattr(pipe, "name_or_path", None) or getattr(getattr(pipe, "config", None), "_name_or_path", None)
+    if not path:
+        return None
+    here = Path(str(path)).resolve()
+    for name in list():
+        folder = weights_path(name)
+        if folder.exists() and here == folder.resolve():
+            return name
+    return None
 
 
 #: Keys of :data:`DEFAULTS` that are pipeline call arguments.
