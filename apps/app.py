@@ -101,7 +101,7 @@ def recipe_on_target(recipe: str, target: str | None) -> str:
 
     if any(technique_for_config(c).name == "executorch" for c in configs):
         return recipe
-    return MOBILE_DEFAULT if recipe == "baseline" else recipe_string(parse_recipe(f"{recipe}+{MOBILE_DEFAULT}"))
+    return recipe_string(configs + parse_recipe(MOBILE_DEFAULT))
 
 
 def _zoo_names() -> list[str]:

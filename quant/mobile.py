@@ -132,13 +132,9 @@ def _strip_hooks(model: nn.Module) -> None:
         registry = m.__dict__.get("_diffusers_hook")
         if registry is None:
             continue
-        for n in reversed(list(registry._hook_order)):
-            registry.remove_hook(n, recurse=False)
-        fwd = m.__dict__.get("forward")
-        if fwd is not None and getattr(fwd, "__func__", None) is type(m).forward:
-            del m.forward
-        del m._diffusers_hook
-        m.__dict__.pop("_fastgen_created_registry", None)
+        for n in reversed(list(registry._hook_order)):  # outermost first
+            remove_hook(m, n)
+        m.__dict__.pop("_diffusers_hook", None)  # a registry diffusers created stays behind empty
 
 
 @dataclass
