@@ -382,18 +382,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="where to write the schedule JSON")
     p.add_argument("--threads", type=int, default=None)
     a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
     import fastgen
-    import samplers
     from fastgen import zoo
-    from fastgen.zoo import shapes
     from fastgen.zoo.train import evaluate_pipeline
 
-    pipe = zoo.load_default(a.model)
-    if a.sampler:
-        samplers.set_sampler(pipe, a.sampler)
-    prompts = shapes.sample_prompts(a.prompts, 4242)  # not the evaluator's held-out prompts
+    from ._calibration import zoo_pipeline_and_prompts
+
+    pipe, prompts = zoo_pipeline_and_prompts(a.model, a.sampler, a.prompts, a.threads)
     sch = search_schedule(pipe, a.steps, prompts, reference_steps=a.reference, call_kwargs=zoo.call_kwargs(a.model),
                           sweeps=a.sweeps, model=a.model)
     sch.save(a.out)

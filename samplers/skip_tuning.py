@@ -216,18 +216,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="write the grid and the evaluation here")
     p.add_argument("--threads", type=int, default=None)
     a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    import samplers
     from fastgen import zoo
-    from fastgen.zoo import evaluate, shapes
+    from fastgen.zoo import evaluate
     from fastgen.zoo.train import evaluate_pipeline
 
-    pipe = zoo.load_default(a.model)
-    if a.sampler:
-        samplers.set_sampler(pipe, a.sampler)
+    from ._calibration import zoo_pipeline_and_prompts
+
+    pipe, prompts = zoo_pipeline_and_prompts(a.model, a.sampler, a.prompts, a.threads)
     kw = {**zoo.call_kwargs(a.model), "num_inference_steps": a.steps}
-    prompts = shapes.sample_prompts(a.prompts, 4242)  # not the evaluator's held-out prompts
     best, rows = search_skip_tuning(pipe, prompts, lambda ps, im: evaluate.score(ps, im)["overall"], call_kwargs=kw)
     out: dict[str, Any] = {"model": a.model, "steps": a.steps, "sampler": a.sampler, "grid": rows,
                            "best": best.to_string()}

@@ -61,3 +61,20 @@ def test_search_picks_the_best_scored_grid_point():
     top = max(rows, key=lambda r: r["score"])
     assert (best.rho_top, best.rho_bottom) == (top["rho_top"], top["rho_bottom"])
     assert fastgen.summary(pipe)["recipe"] == "baseline"
+
+
+def test_cli_searches_and_scores_on_the_zoo_unet(tmp_path, capsys):
+    import json
+
+    from fastgen import zoo
+    from samplers.skip_tuning import main
+
+    if not zoo.weights_path("shapes-unet").exists():
+        pytest.skip("shapes-unet weights not installed")
+    out = tmp_path / "skip.json"
+    assert main(["shapes-unet", "--steps", "1", "--prompts", "2", "--eval", "2", "--json", str(out),
+                 "--threads", "1"]) == 0
+    text = capsys.readouterr().out
+    res = json.loads(out.read_text())
+    assert len(res["grid"]) == 10 and res["best"].startswith("skip-tuning:")
+    assert "no-op: held-out score" in text and "grid on 2 calibration prompts" in text

@@ -1,0 +1,24 @@
+"""What the samplers' search CLIs (``samplers.schedule``, ``samplers.skip_tuning``) share: the zoo model with the
+sampler to tune, and calibration prompts that are not the evaluator's held-out prompts."""
+
+from __future__ import annotations
+
+#: Seed of the calibration prompts (``shapes.sample_prompts(n, CALIBRATION_SEED)``); the evaluator's held-out
+#: prompts use ``shapes.EVAL_SEED``, so a search never sees the prompts it is scored on.
+CALIBRATION_SEED = 4242
+
+
+def zoo_pipeline_and_prompts(model: str, sampler: str | None, n_prompts: int, threads: int | None = None):
+    """``(pipe, prompts)``: the zoo ``model`` (with ``sampler`` set when given) and ``n_prompts`` calibration prompts."""
+    import torch
+
+    import samplers
+    from fastgen import zoo
+    from fastgen.zoo import shapes
+
+    if threads:
+        torch.set_num_threads(threads)
+    pipe = zoo.load_default(model)
+    if sampler:
+        samplers.set_sampler(pipe, sampler)
+    return pipe, shapes.sample_prompts(n_prompts, CALIBRATION_SEED)
