@@ -305,6 +305,15 @@ def _load_method(path):
     return Runtime.get().load_program(path).load_method("forward")
 
 
+def _execute(method, args: tuple[torch.Tensor, ...], path) -> torch.Tensor:
+    """The first output of the loaded program ``method`` on ``args``; an :class:`ExportError` naming ``path`` if
+    the runtime cannot run it."""
+    try:
+        return method.execute(list(args))[0]
+    except Exception as e:
+        raise ExportError(f"{path}: executorch.runtime could not run the program: {e}") from e
+
+
 def _errors(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     out, ref = out.detach().float(), ref.detach().float()
     if out.shape != ref.shape:
@@ -503,10 +512,7 @@ def export_executorch(pipe, out: str | os.PathLike, bits: int = 8, *, inputs: di
         delegated_ops=dict(delegated), portable_ops=dict(portable), delegate_segments=segments, notes=notes)
     if check:
         method = _load_method(out)
-        try:
-            got = method.execute(list(args))[0]
-        except Exception as e:
-            raise ExportError(f"{out}: executorch.runtime could not run the program: {e}") from e
+        got = _execute(method, args, out)
         rep.max_abs_err, rep.rel_err = _errors(got, ref)
         if ref_quant is not None:
             rep.rel_err_vs_quant_model = _errors(got, ref_quant)[1]

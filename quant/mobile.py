@@ -31,7 +31,7 @@ import tempfile
 import time
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,7 @@ from fastgen.hooks import HookBase, add_hook, attach, detach_if_empty, get_state
 from fastgen.registry import Technique, register_technique
 from fastgen.utils.logging import get_logger
 
-from .export import ExportError, _errors, _float_copy, _load_method, _split, _write_pte
+from .export import _errors, _execute, _float_copy, _load_method, _split, _write_pte
 from .qalora import get_denoiser
 
 logger = get_logger(__name__)
@@ -145,8 +145,14 @@ class _Program:
     bytes: int
     quantized_layers: int
     portable_ops: dict[str, int]
+    inputs: dict[str, list[int]]
     rel_err: float | None = None
-    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """What :func:`executorch_summary` reports of this program."""
+        return {"inputs": self.inputs, "path": self.path, "mb": round(self.bytes / 2**20, 3),
+                "export_s": round(self.seconds, 1), "quantized_layers": self.quantized_layers, "rel_err": self.rel_err}
 
 
 @dataclass
@@ -154,7 +160,6 @@ class _Stats:
     calls: int = 0
     samples: int = 0
     runtime_s: float = 0.0
-    programs: list[dict[str, Any]] = field(default_factory=list)
 
 
 class _ExecuTorchHook(HookBase):
@@ -168,8 +173,6 @@ class _ExecuTorchHook(HookBase):
         self.config, self.float_model, self.ints, self.workdir, self.owner = config, float_model, ints, workdir, owner
         self.programs = programs  # shared with _CACHE: a re-applied recipe reuses its programs
         self.stats = _Stats()
-        for prog in programs.values():
-            self.stats.programs.append(prog.info)
 
     def _signature(self, tensors: dict[str, torch.Tensor], fixed: dict[str, Any]) -> tuple:
         return (tuple((k, tuple(v.shape), str(v.dtype)) for k, v in tensors.items()),
@@ -191,19 +194,12 @@ class _ExecuTorchHook(HookBase):
                                             fixed, out, f"ExecuTorch export of {self.owner}", notes)
         method = _load_method(out)
         prog = _Program(method=method, path=str(out), seconds=time.perf_counter() - t0, bytes=out.stat().st_size,
-                        quantized_layers=nq, portable_ops=dict(portable))
-        try:
-            got = method.execute(list(args))[0]
-        except Exception as e:
-            raise ExportError(f"{out}: executorch.runtime could not run the program: {e}") from e
-        prog.rel_err = _errors(got, ref)[1]
+                        quantized_layers=nq, portable_ops=dict(portable),
+                        inputs={k: list(v.shape) for k, v in zip(names, args)})
+        prog.rel_err = _errors(_execute(method, args, out), ref)[1]
         logger.info("executorch: wrote %s (%.2f MB, %d quantized Linear layers) in %.1fs; rel err vs PyTorch %.2e",
                     out, prog.bytes / 2**20, nq, prog.seconds, prog.rel_err)
-        prog.info = {"inputs": {k: list(v.shape) for k, v in zip(names, args)}, "path": prog.path,
-                     "mb": round(prog.bytes / 2**20, 3), "export_s": round(prog.seconds, 1), "quantized_layers": nq,
-                     "rel_err": prog.rel_err}
         self.programs[key] = prog
-        self.stats.programs.append(prog.info)
         return prog
 
     def new_forward(self, module, *args, **kwargs):
@@ -303,7 +299,8 @@ def executorch_summary(pipe) -> dict:
         return {}
     _, hook = st.saved[_NAME]
     s = hook.stats
-    return {"bits": hook.config.bits, "programs": list(s.programs), "calls": s.calls, "samples": s.samples,
+    return {"bits": hook.config.bits, "programs": [p.info for p in hook.programs.values()], "calls": s.calls,
+            "samples": s.samples,
             "runtime_ms_per_sample": round(1e3 * s.runtime_s / s.samples, 3) if s.samples else None}
 
 
