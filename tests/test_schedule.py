@@ -137,3 +137,15 @@ def test_flow_samplers_derived_from_flowmatch_take_sigmas():
         assert samplers.is_flow_scheduler(pipe.scheduler) and schedule_kwarg(pipe.scheduler) == "sigmas"
         _latents(pipe, ["a red circle"], [0], _kw(pipe), sigmas=[1.0, 0.6, 0.2])
         samplers.remove_sampler(pipe)
+
+
+def test_search_refuses_bad_arguments_before_running():
+    pipe = tiny_pipeline("sd3")
+    for kw, match in ((dict(steps=1), "steps must be an integer in \\[2, 50\\]"),
+                      (dict(steps=4, reference_steps=4), "reference_steps \\(4\\) must exceed steps \\(4\\)"),
+                      (dict(steps=4, prompts=[]), "needs calibration prompts"),
+                      (dict(steps=4, seeds=[1]), "1 seeds for 2 prompts")):
+        args = {"prompts": ["a red circle", "a blue square"], **kw}
+        with pytest.raises(ValueError, match=match):
+            search_schedule(pipe, **args)
+    assert fastgen.summary(pipe)["recipe"] == "baseline"
