@@ -13,7 +13,7 @@ import torch
 
 from .errors import UnsupportedPipelineError
 
-__all__ = ["Adapter", "ADAPTERS", "DIFFUSION_FAMILIES", "get_adapter", "supported_pipelines"]
+__all__ = ["Adapter", "ADAPTERS", "DIFFUSION_FAMILIES", "get_adapter", "supported_pipelines", "capture_denoiser_calls"]
 
 
 @dataclass(frozen=True)
@@ -149,3 +149,39 @@ def get_adapter(pipe) -> Adapter:
     raise UnsupportedPipelineError(
         f"fastgen does not support {type(pipe).__name__}; supported pipelines: {', '.join(supported_pipelines())}"
     )
+
+
+class _Captured(Exception):
+    pass
+
+
+@torch.no_grad()
+def capture_denoiser_calls(pipe, call_kwargs: dict, *, model: torch.nn.Module | None = None,
+                           stop_after: int | None = None) -> list[tuple[tuple, dict]]:
+    """``(args, kwargs)`` of the denoiser calls of one run of ``pipe(**call_kwargs)`` (latent output),
+    tensors detached and cloned; the run stops after ``stop_after`` calls when given.
+
+    ``model`` is the module whose calls are recorded (default: the adapter's denoiser). With batched
+    classifier-free guidance every call carries the doubled batch. The inputs of an export or a per-call
+    benchmark, calibration data, and what ``fastgen profile`` times.
+    """
+    model = model if model is not None else get_adapter(pipe).denoiser(pipe)
+    seen: list[tuple[tuple, dict]] = []
+
+    def clone(v):
+        return v.detach().clone() if isinstance(v, torch.Tensor) else v
+
+    def hook(module, args, kwargs):
+        seen.append((tuple(clone(a) for a in args), {k: clone(v) for k, v in kwargs.items()}))
+        if stop_after is not None and len(seen) >= stop_after:
+            raise _Captured
+        return None
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        pipe(**{**call_kwargs, "output_type": "latent"})
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    return seen

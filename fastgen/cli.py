@@ -166,6 +166,27 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_profile(args) -> int:
+    import json
+
+    from .bench.profile import markdown, profile_recipes
+    from .bench.runner import call_kwargs
+    from .registry import parse_recipe
+
+    recipes = args.recipe or ["baseline"]
+    for r in recipes:
+        parse_recipe(r)  # fail fast, before loading anything
+    settings = _settings(args)
+    pipe = _load(args)
+    kw = call_kwargs(pipe, settings.prompts[0], settings.seeds[0], settings)
+    rows = profile_recipes(pipe, recipes, kw, repeats=args.repeats)
+    sys.stdout.write(markdown(rows, top=args.top))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=1)
+    return 0
+
+
 def _grid(rows_of_images: list[tuple[str, np.ndarray]], path: str, scale: int = 4) -> None:
     from PIL import Image, ImageDraw
 
@@ -416,6 +437,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="write the speed/quality Pareto PNG here")
     p.add_argument("--control", action="store_true", help="add fewer-steps control rows at equal latency")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("profile", help="one denoiser forward per recipe: time and self CPU time per op kind and "
+                                       "op/shape (what a technique can win at best)")
+    _add_common(p)
+    p.add_argument("--recipe", action="append", help="recipe string (repeatable); the first is the reference")
+    p.add_argument("--top", type=int, default=12, help="op rows shown per recipe")
+    p.add_argument("--json", help="write every row (all ops) as JSON here")
+    p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("tune", help="search recipes for the fastest one within a quality budget, timed on the target")
     _add_common(p)

@@ -146,10 +146,6 @@ class Int8Config:
         return ",".join(s)
 
 
-class _Captured(Exception):
-    pass
-
-
 @torch.no_grad()
 def capture_denoiser_calls(pipe, call_kwargs: dict[str, Any] | None = None, *, steps: int = 4,
                            stop_after: int | None = None) -> list[dict[str, Any]]:
@@ -159,33 +155,16 @@ def capture_denoiser_calls(pipe, call_kwargs: dict[str, Any] | None = None, *, s
 
     These are the example inputs of an export, its calibration data and the inputs of a per-call
     benchmark: with classifier-free guidance the batch is the doubled CFG batch (2 for one prompt)."""
+    from fastgen.adapters import capture_denoiser_calls as capture
     from fastgen.testing import default_call_kwargs
 
-    model = get_denoiser(pipe)
     kw = dict(default_call_kwargs(pipe, steps=steps) if call_kwargs is None else call_kwargs)
     kw.setdefault("num_inference_steps", steps)
-    kw["output_type"] = "latent"
-    seen: list[dict[str, Any]] = []
-
-    def hook(module, args, kwargs):
-        if args:
-            raise UnsupportedPipelineError(f"{type(pipe).__name__} calls its denoiser with positional arguments; "
-                                           "pass the example inputs yourself")
-        d = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-        d["return_dict"] = False
-        seen.append(d)
-        if stop_after is not None and len(seen) >= stop_after:
-            raise _Captured
-        return None
-
-    h = model.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        pipe(**kw)
-    except _Captured:
-        pass
-    finally:
-        h.remove()
-    return seen
+    calls = capture(pipe, kw, model=get_denoiser(pipe), stop_after=stop_after)
+    if any(args for args, _ in calls):
+        raise UnsupportedPipelineError(f"{type(pipe).__name__} calls its denoiser with positional arguments; "
+                                       "pass the example inputs yourself")
+    return [{**kwargs, "return_dict": False} for _, kwargs in calls]
 
 
 def capture_denoiser_inputs(pipe, call_kwargs: dict[str, Any] | None = None, *, index: int = 1,

@@ -166,3 +166,57 @@ def test_demo_on_an_ar_zoo_model_is_one_clear_error(capsys):
     assert main(["demo", "--model", "digits-var", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "next-scale AR model" in err and "fastgen.ar.evaluate" in err and "Traceback" not in err
+
+
+# --- fastgen profile: one denoiser forward per recipe, op kinds -------------------------------------------
+
+def test_op_kind_classifies_aten_ops():
+    from fastgen.bench.profile import op_kind
+
+    assert op_kind("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention"
+    assert op_kind("aten::mkldnn_convolution") == "convolution"
+    assert op_kind("aten::addmm") == "matmul" and op_kind("aten::mm") == "matmul"
+    assert op_kind("aten::native_group_norm") == "norm"
+    assert op_kind("aten::gelu") == "other"
+
+
+def test_capture_denoiser_call_is_the_first_step_of_the_real_call():
+    from fastgen.bench.profile import capture_denoiser_call
+    from fastgen.testing import default_call_kwargs, tiny_pipeline
+
+    pipe = tiny_pipeline("sd")
+    kw = default_call_kwargs(pipe, steps=4)
+    args, kwargs = capture_denoiser_call(pipe, kw)
+    pipe.scheduler.set_timesteps(4)
+    assert int(args[1]) == int(pipe.scheduler.timesteps[0])  # UNets take (sample, t) positionally
+    assert args[0].shape[0] == 2  # CFG batch
+    assert "encoder_hidden_states" in kwargs
+
+
+def test_profile_recipes_shows_tome_cutting_attention_time(one_thread):
+    from fastgen.bench.profile import markdown, profile_recipes
+    from fastgen.testing import default_call_kwargs, tiny_pipeline
+
+    pipe = tiny_pipeline("sd")
+    kw = default_call_kwargs(pipe, steps=2)  # 32x32 latent: 1024 tokens at the top level
+    rows = profile_recipes(pipe, ["baseline", "tome:0.5,min_tokens=0"], kw, repeats=1)
+    base, tome = rows
+    assert base["speedup"] == 1.0 and base["forward_s"] > 0
+    attn = [op for op in base["ops"] if op["kind"] == "attention" and op["shapes"] and op["shapes"][0][2] == 1024]
+    merged = [op for op in tome["ops"] if op["kind"] == "attention" and op["shapes"] and op["shapes"][0][2] == 512]
+    assert attn and merged  # full 1024-token self-attention vs merged 512-row attention
+    assert tome["kind_ms"]["attention"] < base["kind_ms"]["attention"]
+    assert fastgen_state_is_clean(pipe)
+    text = markdown(rows, top=3)
+    assert "tome:0.5,min_tokens=0" in text and "attention ms" in text
+
+
+def fastgen_state_is_clean(pipe) -> bool:
+    from fastgen.hooks import get_state
+
+    return get_state(pipe) is None
+
+
+def test_profile_cli_rejects_a_bad_recipe_before_loading(capsys):
+    assert main(["profile", "--model", "tiny-sd", "--recipe", "nosuchtechnique:1"]) == 2
+    assert "unknown technique 'nosuchtechnique'" in capsys.readouterr().err

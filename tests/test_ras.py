@@ -6,7 +6,8 @@ import torch
 
 import fastgen
 from fastgen.caches.ras import RASConfig, apply_ras, remove_ras, select_tokens
-from fastgen.caches.ras_experiment import _capture_forward, _Driver
+from fastgen.bench.profile import capture_denoiser_call
+from fastgen.caches.ras_experiment import _Driver
 from fastgen.errors import RecipeError, UnsupportedPipelineError
 from fastgen.testing import default_call_kwargs, tiny_pipeline
 
@@ -81,7 +82,7 @@ def test_sparse_forward_reproduces_dense_forward_on_identical_inputs(kind, rule)
     pipe = tiny_pipeline(kind)
     hw = None if kind == "dit" else NON_SQUARE[kind]
     kw = _kwargs(pipe, kind, batch=2, hw=hw, guidance_scale=4.0)
-    args, fkw = _capture_forward(pipe, kw)
+    args, fkw = capture_denoiser_call(pipe, kw)
     fkw = {**fkw, "return_dict": False}
     with torch.no_grad():
         ref = pipe.transformer(*args, **fkw)[0]

@@ -29,6 +29,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+from ..bench.profile import capture_denoiser_call
 from ..hooks import CallState, get_state
 from .ras import RASConfig, apply_ras, remove_ras
 
@@ -46,23 +47,6 @@ def _flop_mode():
 
     aten = torch.ops.aten
     return FlopCounterMode(display=False, custom_mapping={aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops})
-
-
-def _capture_forward(pipe, call_kwargs: dict) -> tuple[tuple, dict]:
-    """The denoiser's (args, kwargs) at the first step of a pipeline call."""
-    model = pipe.transformer
-    saved: dict = {}
-
-    def pre(module, args, kwargs):
-        if not saved:
-            saved["args"], saved["kwargs"] = args, kwargs
-
-    handle = model.register_forward_pre_hook(pre, with_kwargs=True)
-    try:
-        pipe(**{**call_kwargs, "num_inference_steps": 1, "output_type": "latent"})
-    finally:
-        handle.remove()
-    return saved["args"], saved["kwargs"]
 
 
 _MISSING = object()
@@ -97,7 +81,7 @@ class _Driver:
 
 def count_flops(pipe, call_kwargs: dict, ratios, guidance_scale: float = 1.0) -> dict:
     """FLOPs of a dense forward, of a sparse forward per ratio, and of the rest of a 1-step pipeline call."""
-    args, kwargs = _capture_forward(pipe, call_kwargs)
+    args, kwargs = capture_denoiser_call(pipe, call_kwargs)
     with _flop_mode() as fc, torch.no_grad():
         pipe.transformer(*args, **kwargs)
     dense = fc.get_total_flops()
@@ -129,7 +113,7 @@ def flop_ideal(flops: dict, config: RASConfig, steps: int) -> float:
 
 def time_forwards(pipe, call_kwargs: dict, ratio: float, repeats: int = 3, guidance_scale: float = 1.0) -> dict:
     """Interleaved timing of dense and sparse forwards: ``{"dense_s", "sparse_s", "fraction"}`` (medians)."""
-    args, kwargs = _capture_forward(pipe, call_kwargs)
+    args, kwargs = capture_denoiser_call(pipe, call_kwargs)
     d = _Driver(pipe, args, kwargs, RASConfig(sample_ratio=ratio), guidance_scale)
     try:
         d.forward(False)
@@ -232,11 +216,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fastgen.caches.ras_experiment")
     sub = ap.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("flops", help="FLOP-ideal speedup and sparse/dense forward time")
-    f.add_argument("--model", default="bench-sd3")
-    f.add_argument("--tokens", type=int, default=4096)
+    f.add_argument("--model", default="bench-sd3", help="bench-/tiny- model, zoo name or zoo training-output folder")
+    f.add_argument("--tokens", type=int, default=4096, help="image tokens (bench-/tiny- models)")
     f.add_argument("--steps", type=int, default=28)
     f.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.25])
-    f.add_argument("--guidance-scale", type=float, default=1.0)
+    f.add_argument("--guidance-scale", type=float, default=None, help="default: 1 (bench-/tiny-), the zoo's (zoo)")
     f.add_argument("--repeats", type=int, default=3, help="interleaved dense/sparse forward pairs (0: FLOPs only)")
     r = sub.add_parser("rules", help="selection-rule experiment")
     r.add_argument("--model", default="shapes-mmdit", help="zoo name, model name or diffusers folder")
@@ -261,15 +245,26 @@ def main(argv: list[str] | None = None) -> int:
     if a.cmd == "pareto":
         return _pareto(a)
     if a.cmd == "flops":
-        from ..models import load_model
-        from ..testing import bench_resolution
+        loaded = _load_zoo(a.model)
+        if loaded is not None:  # the zoo's own call (its CFG scale, size and token collapsing)
+            from .. import zoo
 
-        pipe = load_model(a.model)
-        kind = a.model.split("-", 1)[1]
-        h, w = bench_resolution(kind, a.tokens, size="bench" if a.model.startswith("bench-") else "tiny")
-        kw = {"prompt": "a red circle left of a blue square", "height": h, "width": w, "guidance_scale": a.guidance_scale}
-        kw.update(_no_binning(pipe))
-        fl = count_flops(pipe, kw, a.ratios, a.guidance_scale)
+            pipe, name = loaded
+            kw = {k: v for k, v in zoo.call_kwargs(name).items() if k != "num_inference_steps"}
+            kw["prompt"] = "a red circle left of a blue square"
+            if a.guidance_scale is not None:
+                kw["guidance_scale"] = a.guidance_scale
+        else:
+            from ..models import load_model
+            from ..testing import bench_resolution
+
+            pipe = load_model(a.model)
+            kind = a.model.split("-", 1)[1]
+            h, w = bench_resolution(kind, a.tokens, size="bench" if a.model.startswith("bench-") else "tiny")
+            kw = {"prompt": "a red circle left of a blue square", "height": h, "width": w,
+                  "guidance_scale": 1.0 if a.guidance_scale is None else a.guidance_scale}
+            kw.update(_no_binning(pipe))
+        fl = count_flops(pipe, kw, a.ratios, kw["guidance_scale"])
         rows = []
         for ratio in a.ratios:
             cfg = RASConfig(sample_ratio=ratio)
@@ -277,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                    "sparse_flop_fraction": fl["sparse"][ratio] / fl["dense"], "other_gflop": fl["other"] / 1e9,
                    "flop_ideal_speedup": flop_ideal(fl, cfg, a.steps)}
             if a.repeats:
-                t = time_forwards(pipe, kw, ratio, a.repeats, a.guidance_scale)
+                t = time_forwards(pipe, kw, ratio, a.repeats, kw["guidance_scale"])
                 row.update(dense_fwd_s=t["dense_s"], sparse_fwd_s=t["sparse_s"], sparse_time_fraction=t["fraction"],
                            step_efficiency=(fl["sparse"][ratio] / fl["dense"]) / t["fraction"])
             rows.append(row)
