@@ -63,7 +63,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -88,7 +88,7 @@ from .models import GuidanceSD3Transformer2DModel, sd3_with_guidance_input, unet
 __all__ = [
     "LCMConfig", "SCMConfig", "LCMTrainer", "SCMTrainer", "distill_consistency", "lcm_boundary_scalings",
     "flow_to_trigflow", "trigflow_to_flow_time", "trigflow_consistency", "jvp_attention", "LogVarHead",
-    "scm_call_kwargs", "SCM_MID_T", "main",
+    "scm_call_kwargs", "scm_scheduler", "choose_mid_t", "MID_SIGMA_GRID", "SCM_MID_T", "main",
 ]
 
 logger = get_logger(__name__)
@@ -157,6 +157,50 @@ class LogVarHead(torch.nn.Module):
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         arg = t.float()[:, None] * self.freqs[None, :]
         return self.linear(torch.cat([torch.cos(arg), torch.sin(arg)], 1)).squeeze(1)
+
+
+def scm_scheduler(num_train_timesteps: int = 1000, mid_t: float | None = None):
+    """The sCM student's scheduler: flow-Euler with shift 1 (one step from sigma 1 is the consistency map).
+
+    With ``mid_t`` its 2-step grid is ``[1, sigma(mid_t)]`` (``shift_terminal``): for evaluating 2-step
+    calls that pass no ``sigmas``. Such a scheduler is wrong for any other step count (1 step gives NaN
+    sigmas, 4 steps stop at ``sigma(mid_t)``), so students are saved with the plain one and 2-step calls
+    pass ``sigmas`` (:func:`scm_call_kwargs`)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    s_mid = None if mid_t is None else float(trigflow_to_flow_time(torch.tensor(mid_t, dtype=torch.float64)))
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=1.0, shift_terminal=s_mid)
+
+
+#: Flow sigmas of the 2-step intermediate point that :func:`choose_mid_t` tries (0.7827 is sCM's t = 1.3).
+MID_SIGMA_GRID: tuple[float, ...] = (0.6, 0.7, 0.7827, 0.85, 0.9, 0.93)
+
+
+def choose_mid_t(pipe, zoo_name: str, sigmas=MID_SIGMA_GRID, n: int = 100) -> tuple[float, list[dict[str, float]]]:
+    """Pick the 2-step intermediate time of an sCM student of a zoo model by the evaluator's score on ``n``
+    calibration prompts (``shapes.CALIBRATION_SEED``, never the held-out ones the report uses).
+
+    ``pipe`` keeps its scheduler. Returns ``(mid_t, rows)`` with one ``{"sigma", "mid_t", "score"}`` row per
+    candidate (the first best on a tie)."""
+    from fastgen.zoo import shapes
+    from fastgen.zoo.train import evaluate_pipeline
+
+    for sigma in sigmas:
+        if not 0.0 < sigma < 1.0:
+            raise ValueError(f"intermediate flow sigmas must be in (0, 1), got {sigma}")
+    saved = pipe.scheduler
+    T = int(saved.config.get("num_train_timesteps", 1000))
+    rows = []
+    try:
+        for sigma in sigmas:
+            mid_t = math.atan(sigma / (1.0 - sigma))  # inverse of trigflow_to_flow_time
+            pipe.scheduler = scm_scheduler(T, mid_t)
+            r = evaluate_pipeline(pipe, zoo_name, n=n, seed=shapes.CALIBRATION_SEED, steps=2, guidance=1.0)
+            rows.append({"sigma": float(sigma), "mid_t": mid_t, "score": float(r["overall"])})
+            logger.info("sCM 2-step, sigma_mid %.4f (t %.3f): calibration score %.3f", sigma, mid_t, r["overall"])
+    finally:
+        pipe.scheduler = saved
+    return max(rows, key=lambda r: r["score"])["mid_t"], rows
 
 
 def scm_call_kwargs(steps: int = 1, mid_t: float = SCM_MID_T, guidance_scale: float | None = None) -> dict[str, Any]:
@@ -344,11 +388,19 @@ class SCMConfig(DistillConfig):
     """Steps over which the second tangent term is ramped in (SANA-Sprint: 4000)."""
     tangent_norm_c: float = 0.1
     """c of the tangent normalisation g / (||g|| + c)."""
+    RESUME_FREE: ClassVar[tuple[str, ...]] = DistillConfig.RESUME_FREE + ("mid_t",)  # a sampling setting
+
     eval_steps: int = 1
-    """Sampling steps of the evaluation and advertised call (1 or 2; 2 uses t_mid = 1.3)."""
+    """Sampling steps of the evaluation and advertised call (1 or 2; 2 passes through ``mid_t``)."""
+    mid_t: float = SCM_MID_T
+    """TrigFlow time (radians) of the 2-step sampler's intermediate point (sCM / SANA-Sprint: 1.3, flow
+    sigma 0.78). Later is noisier; :func:`choose_mid_t` picks it on calibration prompts (shapes-mmdit:
+    1.47, sigma 0.9). Range 1.0-1.5."""
 
     def check(self) -> None:
         super().check()
+        if not 0.0 < self.mid_t < math.pi / 2:
+            raise ValueError(f"mid_t is a TrigFlow time in (0, pi/2) radians, got {self.mid_t}")
         if self.sigma_data <= 0 or self.p_std <= 0:
             raise ValueError("sigma_data and p_std must be > 0")
         if not 0 < self.t_min < 0.5:
@@ -396,26 +448,20 @@ class SCMTrainer(DistillTrainer):
         return ("guidance_proj",) if self.cfg.guidance_embed else ()
 
     def student_scheduler(self):
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        T = int(self.teacher.scheduler.config.get("num_train_timesteps", 1000))
-        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=T, shift=1.0)
+        return scm_scheduler(int(self.teacher.scheduler.config.get("num_train_timesteps", 1000)))
 
     def call_kwargs(self) -> dict[str, Any]:
-        return scm_call_kwargs(self.cfg.eval_steps, guidance_scale=self.teacher_g if self.cfg.guidance_embed else None)
+        return scm_call_kwargs(self.cfg.eval_steps, self.cfg.mid_t,
+                               guidance_scale=self.teacher_g if self.cfg.guidance_embed else None)
 
     def eval_settings(self) -> tuple[int, float]:
         return int(self.cfg.eval_steps), 1.0
 
     def prepare_eval_pipeline(self, pipe) -> None:
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
         if self.cfg.guidance_embed:
             pipe.transformer.default_guidance_scale = self.teacher_g
         if self.cfg.eval_steps == 2:  # evaluate_pipeline passes no sigmas: a scheduler whose 2-step grid is [1, s_mid]
-            s_mid = float(trigflow_to_flow_time(torch.tensor(SCM_MID_T, dtype=torch.float64)))
-            pipe.scheduler = FlowMatchEulerDiscreteScheduler(
-                num_train_timesteps=pipe.scheduler.config.num_train_timesteps, shift=1.0, shift_terminal=s_mid)
+            pipe.scheduler = scm_scheduler(pipe.scheduler.config.num_train_timesteps, self.cfg.mid_t)
 
     def trig_F(self, model, x_unit: torch.Tensor, t: torch.Tensor, cond, g: torch.Tensor | None) -> torch.Tensor:
         """TrigFlow output of a flow ``model`` (student or, with CFG, teacher) at ``(x_t / sd, t)``."""
@@ -468,9 +514,13 @@ _METHODS = {"lcm": (LCMConfig, LCMTrainer), "scm": (SCMConfig, SCMTrainer)}
 
 def distill_consistency(teacher_pipe, method: str, cfg: DistillConfig | None = None,
                         out: str | os.PathLike = "runs/consistency", *, zoo_name: str | None = None,
-                        prompts: list[str] | None = None, resume: bool = False, eval_fn=None):
+                        prompts: list[str] | None = None, resume: bool = False, eval_fn=None,
+                        choose_mid_t_prompts: int = 0):
     """Consistency distillation (``method`` ``"lcm"`` or ``"scm"``) of ``teacher_pipe`` into ``out``
     (Python API of ``python -m distill.consistency``).
+
+    ``choose_mid_t_prompts`` (sCM, zoo teachers, 2-step students): after training, pick the intermediate
+    time with :func:`choose_mid_t` on that many calibration prompts, then evaluate and save with it.
 
     Returns:
         ``(student_pipe, call_kwargs)``; the student is also saved to ``out/pipeline``.
@@ -482,9 +532,20 @@ def distill_consistency(teacher_pipe, method: str, cfg: DistillConfig | None = N
     if not isinstance(cfg, cfg_cls):
         raise TypeError(f"method {method!r} takes a {cfg_cls.__name__}, got {type(cfg).__name__}")
     tr = tr_cls(teacher_pipe, cfg, out, zoo_name=zoo_name, prompts=prompts, eval_fn=eval_fn)
+    if choose_mid_t_prompts and (method != "scm" or zoo_name is None or cfg.eval_steps != 2):
+        raise ValueError("choosing the intermediate time needs method 'scm', a zoo teacher and eval_steps=2")
     if resume:
         tr.resume()
     tr.run()
+    if choose_mid_t_prompts:
+        import dataclasses
+
+        mid_t, rows = choose_mid_t(tr.export_pipeline(), zoo_name, n=choose_mid_t_prompts)
+        tr._log_row({"choose_mid_t": rows, "mid_t": mid_t})
+        tr.cfg = dataclasses.replace(tr.cfg, mid_t=mid_t)
+        pipe = tr.export_pipeline()
+        tr.evaluate(pipe)
+        tr.save(pipe=pipe)
     return tr.export_pipeline(), tr.call_kwargs()
 
 
@@ -499,13 +560,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--method", choices=sorted(_METHODS), required=True,
                     help="lcm: epsilon/v UNets (SD, SDXL); scm: flow-matching MMDiTs (SD3)")
     add_common_args(ap, cfg_cls())
+    ap.add_argument("--choose-mid-t", type=int, default=0, metavar="N",
+                    help="scm with --eval-steps 2 on a zoo teacher: after training, pick the 2-step intermediate time "
+                         "on N calibration prompts and save the student with it")
     args = ap.parse_args(argv)
     setup_cli_logging(args.threads)
     check_fresh_or_resume(args.output, args.resume)
     cfg = config_from_args(cfg_cls, args)
     pipe, name = load_teacher(args.teacher)
     family_for(pipe)  # unsupported classes fail before anything is built
-    _, kw = distill_consistency(pipe, method, cfg, args.output, zoo_name=name, resume=args.resume)
+    _, kw = distill_consistency(pipe, method, cfg, args.output, zoo_name=name, resume=args.resume,
+                                choose_mid_t_prompts=args.choose_mid_t)
     logger.info("student saved to %s; call it with %s", Path(args.output) / "pipeline", kw)
     return 0
 

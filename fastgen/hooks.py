@@ -210,6 +210,22 @@ class _StepCounterHook(HookBase):
 _WRAPPED_CLASSES: dict[type, type] = {}
 
 
+def _drop_stale_grid(kwargs: dict, steps_asked) -> dict:
+    """A technique changed the step count of a call that also passed its own ``sigmas``/``timesteps`` grid
+    (a zoo student's default call does): the pipeline would follow the grid and ignore the new count, so
+    drop a grid whose length no longer matches (logged)."""
+    n = kwargs.get("num_inference_steps")
+    if n is None or n == steps_asked:
+        return kwargs
+    for key in ("sigmas", "timesteps"):
+        grid = kwargs.get(key)
+        if grid is not None and len(grid) != n:
+            logger.warning("a recipe set num_inference_steps=%s; the call's %s (%d values) no longer fit and are "
+                           "dropped", n, key, len(grid))
+            kwargs = {k: v for k, v in kwargs.items() if k != key}
+    return kwargs
+
+
 def _wrapped_class(base: type) -> type:
     """A subclass of ``base`` with the same name whose ``__call__`` runs fastgen's per-call bookkeeping."""
     if base in _WRAPPED_CLASSES:
@@ -221,8 +237,10 @@ def _wrapped_class(base: type) -> type:
         if st is None:  # detached while a subclass instance lingers
             return original_call(self, *args, **kwargs)
         st.call = CallState()
+        steps_asked = kwargs.get("num_inference_steps")
         for name, fn in list(st.call_hooks.items()):
             kwargs = fn(self, kwargs)
+        kwargs = _drop_stale_grid(kwargs, steps_asked)
         st.call.kwargs = {k: v for k, v in kwargs.items() if isinstance(v, (int, float, str, bool))}
         st.call.num_inference_steps = kwargs.get("num_inference_steps")
         t0 = time.perf_counter()

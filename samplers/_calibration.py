@@ -3,9 +3,7 @@ sampler to tune, and calibration prompts that are not the evaluator's held-out p
 
 from __future__ import annotations
 
-#: Seed of the calibration prompts (``shapes.sample_prompts(n, CALIBRATION_SEED)``); the evaluator's held-out
-#: prompts use ``shapes.EVAL_SEED``, so a search never sees the prompts it is scored on.
-CALIBRATION_SEED = 4242
+from fastgen.zoo.shapes import CALIBRATION_SEED  # noqa: F401 - the evaluator's held-out prompts use EVAL_SEED
 
 
 def zoo_pipeline_and_prompts(model: str, sampler: str | None, n_prompts: int, threads: int | None = None):

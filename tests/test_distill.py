@@ -527,11 +527,34 @@ def test_scm_student_samples_in_one_and_two_steps(mmdit_teacher, tmp_path):
                  max_sequence_length=2)
         assert calls[0] == steps
     assert seen[0] == 1000.0 and abs(seen[2] - 1000.0 * 0.78266) < 0.1  # s = 1, then s_mid (t = 1.3)
-    # evaluation's 2-step scheduler (no sigmas argument) hits the same grid
-    tr.cfg.eval_steps = 2
-    tr.prepare_eval_pipeline(pipe)
-    pipe.scheduler.set_timesteps(2)
-    torch.testing.assert_close(pipe.scheduler.sigmas, torch.tensor([1.0, 0.78266, 0.0]), atol=1e-4, rtol=0)
+    # evaluation's 2-step scheduler (no sigmas argument) hits the same grid; another mid_t moves it
+    for mid_t, s_mid in ((1.3, 0.78266), (math.atan(9.0), 0.9)):
+        tr.cfg.mid_t = mid_t
+        tr.prepare_eval_pipeline(pipe)
+        pipe.scheduler.set_timesteps(2)
+        torch.testing.assert_close(pipe.scheduler.sigmas, torch.tensor([1.0, s_mid, 0.0]), atol=1e-4, rtol=0)
+        assert abs(scm_call_kwargs(2, mid_t)["sigmas"][1] - s_mid) < 1e-4
+
+
+def test_scm_choose_mid_t_picks_a_candidate_on_calibration_prompts(mmdit_teacher, tmp_path):
+    from distill.consistency import choose_mid_t, distill_consistency
+
+    tr = SCMTrainer(mmdit_teacher, SCMConfig(**{**FAST, "steps": 1, "eval_steps": 2}), tmp_path, zoo_name="shapes-mmdit")
+    tr.run(final_eval=False)
+    pipe = tr.export_pipeline()
+    mid_t, rows = choose_mid_t(pipe, "shapes-mmdit", sigmas=(0.7, 0.9), n=2)
+    assert [r["sigma"] for r in rows] == [0.7, 0.9] and all(0 <= r["score"] <= 1 for r in rows)
+    best = max(rows, key=lambda r: r["score"])
+    assert mid_t == best["mid_t"]
+    assert abs(float(trigflow_to_flow_time(torch.tensor(mid_t))) - best["sigma"]) < 1e-6
+    assert pipe.scheduler.config.shift_terminal is None  # the candidates' schedulers are not left behind
+    with pytest.raises(ValueError, match="intermediate"):
+        choose_mid_t(pipe, "shapes-mmdit", sigmas=(1.2,), n=1)
+    with pytest.raises(ValueError, match="mid_t"):
+        SCMConfig(**{**FAST, "mid_t": 2.0}).check()
+    with pytest.raises(ValueError, match="eval_steps=2"):  # 1-step students have no intermediate time
+        distill_consistency(mmdit_teacher, "scm", SCMConfig(**FAST), tmp_path / "x", zoo_name="shapes-mmdit",
+                            choose_mid_t_prompts=2)
 
 
 def test_teacher_pool_is_deterministic_and_independent_of_chunking(mmdit_teacher, tmp_path):

@@ -96,3 +96,27 @@ def test_removing_a_lower_hook_keeps_new_forward_hooks_above():
     assert torch.allclose(m(x), ref * 10)
     remove_hook(m, "times")
     assert torch.equal(m(x), ref) and not hasattr(m, "_diffusers_hook")
+
+
+def test_a_recipe_that_changes_the_step_count_drops_the_calls_own_sigmas(caplog):
+    """A zoo student's default call passes its own 2-step ``sigmas``; ``steps:4`` must run 4 steps, not be
+    silently overridden by that grid."""
+    import fastgen
+    from fastgen.testing import default_call_kwargs, tiny_pipeline
+
+    pipe = tiny_pipeline("sd3")
+    seen = []
+    pipe.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(float(kw["timestep"][0])), with_kwargs=True)
+    kw = {**default_call_kwargs(pipe, steps=2), "sigmas": [1.0, 0.9], "guidance_scale": 1.0, "output_type": "latent"}
+    pipe(**kw)
+    assert len(seen) == 2
+    mid = seen[1]  # sigma 0.9 (through the scheduler's shift)
+    fastgen.accelerate(pipe, "steps:4")
+    seen.clear()
+    with caplog.at_level("WARNING", logger="fastgen"):
+        pipe(**kw)
+    assert len(seen) == 4 and "sigmas (2 values) no longer fit" in caplog.text
+    seen.clear()
+    pipe(**{**kw, "sigmas": [1.0, 0.9, 0.6, 0.3]})  # a grid that fits the new count is kept
+    assert len(seen) == 4 and seen[1] == mid
+    fastgen.remove(pipe)

@@ -32,7 +32,7 @@ __all__ = [
 
 #: Distilled students shipped next to their teachers (``student -> teacher``), trained by ``distill/``.
 #: They are scored on their teacher's world and prompts; the commands that train them are in the README.
-STUDENTS: dict[str, str] = {"shapes-mmdit-gd": "shapes-mmdit"}
+STUDENTS: dict[str, str] = {"shapes-mmdit-gd": "shapes-mmdit", "shapes-mmdit-scm": "shapes-mmdit"}
 
 #: The zoo's model names (teachers first, then the distilled students).
 MODELS: tuple[str, ...] = ("shapes-mmdit", "shapes-unet", "digits-var", *STUDENTS)
@@ -51,10 +51,18 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     # joint_attention_kwargs={"guidance_scale": g})
     "shapes-mmdit-gd": {"num_inference_steps": 28, "guidance_scale": 1.0, "student_guidance_scale": 5.0,
                         "sampler": "flow-euler (shift 1.0)", "height": 32, "width": 32, "max_sequence_length": 2},
+    # sCM consistency student: 2 transformer calls per image (sigmas 1 -> SCM_SIGMA_MID -> 0, no CFG batch);
+    # 1 step: num_inference_steps=1 without sigmas
+    "shapes-mmdit-scm": {"num_inference_steps": 2, "guidance_scale": 1.0, "sigmas": [1.0, 0.9],
+                         "sampler": "sCM 2-step (flow-Euler shift 1 through sigma 0.9)", "height": 32, "width": 32,
+                         "max_sequence_length": 2},
 }
 
 #: How each student was made (shown in errors when its weights are missing).
 _STUDENT_RECIPES: dict[str, str] = {
+    "shapes-mmdit-scm": "python -m distill.consistency --method scm --teacher shapes-mmdit --output runs/scm-mmdit "
+                        "--steps 5000 --batch 32 --lr 5e-5 --warmup 100 --eval-every 500 --eval-steps 2 "
+                        "--tangent-warmup 500 --choose-mid-t 100",
     "shapes-mmdit-gd": "python -m distill.guidance --teacher shapes-mmdit --output runs/gd-mmdit --steps 3000 "
                        "--batch 32 --lr 5e-5 --warmup 100 --t-sampling logit-normal",
 }
@@ -106,7 +114,8 @@ def name_of(pipe) -> str | None:
 
 
 #: Keys of :data:`DEFAULTS` that are pipeline call arguments.
-_CALL_KEYS = ("num_inference_steps", "guidance_scale", "height", "width", "max_sequence_length", "top_k", "top_p")
+_CALL_KEYS = ("num_inference_steps", "guidance_scale", "sigmas", "height", "width", "max_sequence_length", "top_k",
+              "top_p")
 
 
 def call_kwargs(name: str) -> dict[str, Any]:

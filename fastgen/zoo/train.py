@@ -395,6 +395,8 @@ def evaluate_pipeline(pipe, name: str, n: int = 100, seed: int = shapes.EVAL_SEE
     prompts = shapes.sample_prompts(n, seed)
     is_sd3 = hasattr(pipe, "transformer") and pipe.transformer is not None
     extra: dict[str, Any] = {}
+    if "sigmas" in d and steps == d["num_inference_steps"]:  # e.g. the sCM student's 2-step grid
+        extra["sigmas"] = list(d["sigmas"])
     saved_procs = pipe.transformer.attn_processors if is_sd3 else None
     if is_sd3 and fast:
         _use_collapsed_zeros(pipe.transformer, True)
