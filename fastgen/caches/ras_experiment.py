@@ -342,10 +342,8 @@ def _pareto(a) -> int:
                              guidance_scale=d["guidance_scale"], repeats=a.repeats, control=True, per_prompt_seeds=True,
                              extra_call_kwargs=extra)
 
-    def quality(ps, images):
-        return {"score": evaluate.score(list(ps), images)["overall"]}
-
-    rows = benchmark(pipe, ["baseline", *a.recipes], settings, model_name=a.model, quality_fn=quality, progress=False)
+    rows = benchmark(pipe, ["baseline", *a.recipes], settings, model_name=a.model,
+                     quality_fn=lambda ps, images: evaluate.score(list(ps), images), progress=False)
     sys.stdout.write(markdown_table(rows))
     if a.json:
         with open(a.json, "w") as fh:
