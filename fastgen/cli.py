@@ -144,15 +144,20 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
-def cmd_bench(args) -> int:
-    from .bench import benchmark, markdown_table, plot_pareto, write_json, write_markdown
+def _recipes_settings_pipe(args):
+    """``(recipes, settings, pipe)`` of a bench/profile command; the recipes are parsed before anything loads."""
     from .registry import parse_recipe
 
     recipes = args.recipe or ["baseline"]
     for r in recipes:
         parse_recipe(r)  # fail fast, before loading anything
-    settings = _settings(args)
-    pipe = _load(args)
+    return recipes, _settings(args), _load(args)
+
+
+def cmd_bench(args) -> int:
+    from .bench import benchmark, markdown_table, plot_pareto, write_json, write_markdown
+
+    recipes, settings, pipe = _recipes_settings_pipe(args)
     rows = benchmark(pipe, recipes, settings, model_name=args.model, progress=not args.no_progress,
                      quality_fn=_zoo_quality_fn if _is_zoo(args.model) else None)
     table = markdown_table(rows)
@@ -171,13 +176,8 @@ def cmd_profile(args) -> int:
 
     from .bench.profile import markdown, profile_recipes
     from .bench.runner import call_kwargs
-    from .registry import parse_recipe
 
-    recipes = args.recipe or ["baseline"]
-    for r in recipes:
-        parse_recipe(r)  # fail fast, before loading anything
-    settings = _settings(args)
-    pipe = _load(args)
+    recipes, settings, pipe = _recipes_settings_pipe(args)
     kw = call_kwargs(pipe, settings.prompts[0], settings.seeds[0], settings)
     rows = profile_recipes(pipe, recipes, kw, repeats=args.repeats)
     sys.stdout.write(markdown(rows, top=args.top))
