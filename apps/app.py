@@ -248,7 +248,7 @@ def _settings(model: str, pipe, steps: int, cfg: float | None, prompts: Sequence
 
         d = zoo.call_kwargs(model)
         height, width = d["height"], d["width"]
-        extra = {k: v for k, v in d.items() if k not in ("num_inference_steps", "guidance_scale", "height", "width")}
+        extra = zoo.extra_call_kwargs(model, steps)
         if cfg is None:
             cfg = d.get("guidance_scale")
     elif model.startswith(("tiny-", "bench-")) and not _class_conditional_name(model):

@@ -78,7 +78,7 @@ def _settings(args):
         from .zoo import shapes
 
         d = zoo.call_kwargs(args.model)
-        extra = {k: v for k, v in d.items() if k not in ("num_inference_steps", "guidance_scale", "height", "width")}
+        extra = zoo.extra_call_kwargs(args.model, args.steps)
         prompts = tuple(args.prompt) if args.prompt else tuple(shapes.sample_prompts(args.prompts_n, shapes.EVAL_SEED))
         return BenchSettings(
             steps=args.steps or d["num_inference_steps"], prompts=prompts, seeds=tuple(args.seeds),

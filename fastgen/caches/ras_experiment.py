@@ -336,7 +336,7 @@ def _pareto(a) -> int:
         raise SystemExit(f"{a.model!r} is not a zoo model name or a zoo training-output folder")
     pipe, name = loaded
     d = zoo.call_kwargs(name)
-    extra = {k: v for k, v in d.items() if k not in ("num_inference_steps", "guidance_scale", "height", "width")}
+    extra = zoo.extra_call_kwargs(name)
     prompts = tuple(shapes.sample_prompts(a.n, seed=shapes.EVAL_SEED))
     settings = BenchSettings(steps=d["num_inference_steps"], prompts=prompts, height=d["height"], width=d["width"],
                              guidance_scale=d["guidance_scale"], repeats=a.repeats, control=True, per_prompt_seeds=True,

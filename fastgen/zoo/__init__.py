@@ -53,8 +53,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                         "sampler": "flow-euler (shift 1.0)", "height": 32, "width": 32, "max_sequence_length": 2},
     # sCM consistency student: 2 transformer calls per image (sigmas 1 -> SCM_SIGMA_MID -> 0, no CFG batch);
     # 1 step: num_inference_steps=1 without sigmas
-    "shapes-mmdit-scm": {"num_inference_steps": 2, "guidance_scale": 1.0, "sigmas": [1.0, 0.9],
-                         "sampler": "sCM 2-step (flow-Euler shift 1 through sigma 0.9)", "height": 32, "width": 32,
+    "shapes-mmdit-scm": {"num_inference_steps": 2, "guidance_scale": 1.0, "sigmas": [1.0, 0.93],
+                         "sampler": "sCM 2-step (flow-Euler shift 1 through sigma 0.93)", "height": 32, "width": 32,
                          "max_sequence_length": 2},
 }
 
@@ -62,7 +62,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 _STUDENT_RECIPES: dict[str, str] = {
     "shapes-mmdit-scm": "python -m distill.consistency --method scm --teacher shapes-mmdit --output runs/scm-mmdit "
                         "--steps 5000 --batch 32 --lr 5e-5 --warmup 100 --eval-every 500 --eval-steps 2 "
-                        "--tangent-warmup 500 --choose-mid-t 100",
+                        "--tangent-warmup 500 --choose-mid-t 500",
     "shapes-mmdit-gd": "python -m distill.guidance --teacher shapes-mmdit --output runs/gd-mmdit --steps 3000 "
                        "--batch 32 --lr 5e-5 --warmup 100 --t-sampling logit-normal",
 }
@@ -126,6 +126,16 @@ def call_kwargs(name: str) -> dict[str, Any]:
     d = DEFAULTS[_check_name(name)]
     keys = ("guidance_scale", "top_k", "top_p") if name in AR_MODELS else _CALL_KEYS  # VARPipeline has no height/width
     return {k: d[k] for k in keys if k in d}
+
+
+def extra_call_kwargs(name: str, steps: int | None = None) -> dict[str, Any]:
+    """``name``'s default call arguments other than steps, guidance and size (``max_sequence_length``, a
+    student's ``sigmas``); a ``sigmas`` grid is left out when ``steps`` differs from the default step count."""
+    d = call_kwargs(name)
+    out = {k: v for k, v in d.items() if k not in ("num_inference_steps", "guidance_scale", "height", "width")}
+    if steps is not None and "num_inference_steps" in d and int(steps) != d["num_inference_steps"]:
+        out.pop("sigmas", None)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
