@@ -3,8 +3,6 @@ sampler to tune, and calibration prompts that are not the evaluator's held-out p
 
 from __future__ import annotations
 
-from fastgen.zoo.shapes import CALIBRATION_SEED  # noqa: F401 - the evaluator's held-out prompts use EVAL_SEED
-
 
 def zoo_pipeline_and_prompts(model: str, sampler: str | None, n_prompts: int, threads: int | None = None):
     """``(pipe, prompts)``: the zoo ``model`` (with ``sampler`` set when given) and ``n_prompts`` calibration prompts."""
@@ -19,4 +17,4 @@ def zoo_pipeline_and_prompts(model: str, sampler: str | None, n_prompts: int, th
     pipe = zoo.load_default(model)
     if sampler:
         samplers.set_sampler(pipe, sampler)
-    return pipe, shapes.sample_prompts(n_prompts, CALIBRATION_SEED)
+    return pipe, shapes.sample_prompts(n_prompts, shapes.CALIBRATION_SEED)  # not the held-out EVAL_SEED prompts

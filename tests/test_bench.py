@@ -220,3 +220,20 @@ def fastgen_state_is_clean(pipe) -> bool:
 def test_profile_cli_rejects_a_bad_recipe_before_loading(capsys):
     assert main(["profile", "--model", "tiny-sd", "--recipe", "nosuchtechnique:1"]) == 2
     assert "unknown technique 'nosuchtechnique'" in capsys.readouterr().err
+
+
+def test_profile_recipes_rejects_bad_arguments_and_leaves_the_pipeline_unpatched():
+    from fastgen.bench.profile import profile_recipes
+    from fastgen.errors import RecipeError
+    from fastgen.hooks import get_state
+    from fastgen.testing import default_call_kwargs
+
+    pipe = tiny_pipeline("sd")
+    kw = default_call_kwargs(pipe, steps=2)
+    with pytest.raises(ValueError, match="at least one recipe"):
+        profile_recipes(pipe, [], kw)
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        profile_recipes(pipe, ["baseline"], kw, repeats=0)
+    with pytest.raises(RecipeError, match="unknown technique"):
+        profile_recipes(pipe, ["baseline", "nosuchtechnique:1"], kw, repeats=1)
+    assert get_state(pipe) is None

@@ -16,7 +16,6 @@ call here (step 0, a full step); use ``fastgen bench`` for them.
 from __future__ import annotations
 
 import statistics
-import time
 from collections import defaultdict
 from typing import Any, Sequence
 
@@ -24,6 +23,8 @@ import torch
 
 from ..adapters import capture_denoiser_calls, get_adapter
 from ..api import accelerate, remove
+from ..registry import parse_recipe
+from .timing import paired_ratio, paired_timing
 
 __all__ = ["capture_denoiser_call", "op_kind", "profile_forward", "profile_recipes", "markdown"]
 
@@ -81,41 +82,35 @@ def profile_recipes(pipe, recipes: Sequence[str], call_kwargs: dict[str, Any], r
         raise ValueError("give at least one recipe (the first is the reference, usually 'baseline')")
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
+    parsed = {r: parse_recipe(r) for r in recipes}  # a bad recipe fails before any work
     args, kwargs = capture_denoiser_call(pipe, call_kwargs)
     model = get_adapter(pipe).denoiser(pipe)
+
+    def setup(r: str) -> None:
+        if parsed[r]:
+            accelerate(pipe, *parsed[r])
 
     def forward():
         with torch.no_grad():
             model(*args, **kwargs)
 
-    out = {r: {"recipe": r, "times": []} for r in recipes}
+    ops = {}
     for r in recipes:  # op profile (and warm-up) of each recipe
-        if r != "baseline":
-            accelerate(pipe, r)
+        setup(r)
         try:
-            out[r]["ops"] = profile_forward(model, args, kwargs)
+            ops[r] = profile_forward(model, args, kwargs)
         finally:
             remove(pipe)
-    for _ in range(repeats):
-        for r in recipes:
-            if r != "baseline":
-                accelerate(pipe, r)
-            try:
-                t0 = time.perf_counter()
-                forward()
-                out[r]["times"].append(time.perf_counter() - t0)
-            finally:
-                remove(pipe)
-    ref = out[recipes[0]]["times"]
+    times = paired_timing({r: forward for r in recipes}, repeats=repeats, warmup=0, setup=setup,
+                          teardown=lambda r: remove(pipe))
+    ref = times[recipes[0]]
     rows = []
     for r in recipes:
-        row = out[r]
         by_kind = defaultdict(float)
-        for op in row["ops"]:
+        for op in ops[r]:
             by_kind[op["kind"]] += op["self_ms"]
-        rows.append({"recipe": r, "forward_s": statistics.median(row["times"]),
-                     "speedup": statistics.median(a / b for a, b in zip(ref, row["times"])),
-                     "kind_ms": {k: by_kind.get(k, 0.0) for k in _KINDS}, "ops": row["ops"]})
+        rows.append({"recipe": r, "forward_s": statistics.median(times[r]), "speedup": paired_ratio(ref, times[r]),
+                     "kind_ms": {k: by_kind.get(k, 0.0) for k in _KINDS}, "ops": ops[r]})
     return rows
 
 

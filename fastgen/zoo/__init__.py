@@ -51,8 +51,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     # joint_attention_kwargs={"guidance_scale": g})
     "shapes-mmdit-gd": {"num_inference_steps": 28, "guidance_scale": 1.0, "student_guidance_scale": 5.0,
                         "sampler": "flow-euler (shift 1.0)", "height": 32, "width": 32, "max_sequence_length": 2},
-    # sCM consistency student: 2 transformer calls per image (sigmas 1 -> SCM_SIGMA_MID -> 0, no CFG batch);
-    # 1 step: num_inference_steps=1 without sigmas
+    # sCM consistency student: 2 transformer calls per image (sigmas 1 -> 0.93 -> 0, no CFG batch; 0.93 chosen
+    # on calibration prompts, distill.consistency.choose_mid_t); 1 step: num_inference_steps=1 without sigmas
     "shapes-mmdit-scm": {"num_inference_steps": 2, "guidance_scale": 1.0, "sigmas": [1.0, 0.93],
                          "sampler": "sCM 2-step (flow-Euler shift 1 through sigma 0.93)", "height": 32, "width": 32,
                          "max_sequence_length": 2},
