@@ -11,7 +11,11 @@ v-prediction UNets (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``).
 pseudo-Huber loss. The student is w-conditioned through ``time_cond_proj_dim`` (zero-initialised, see
 :mod:`distill.models`) unless ``guidance_embed=False`` (LCM-LoRA style: ``w`` folded in). Full weights or
 a peft LoRA (``lora_rank``; LCM-LoRA proper also sets ``ema_decay=0``: the target is the student under
-``no_grad``). Saved with ``LCMScheduler`` (``original_inference_steps = num_ddim_timesteps``)::
+``no_grad``). The teacher may itself be guidance-distilled (a ``distill.guidance`` student, whose UNet has
+``time_cond_proj_dim``): its guided prediction is then one call at ``g`` instead of two, and the student
+starts as an exact copy of it, trained w input included, so it starts at the guided quality rather than
+having to pull the guidance in through the one-DDIM-step target (:attr:`LCMTrainer.teacher_takes_w`).
+Saved with ``LCMScheduler`` (``original_inference_steps = num_ddim_timesteps``)::
 
     pipe(prompt, num_inference_steps=4, guidance_scale=g)      # w-conditioned: one UNet call per step
     pipe(prompt, num_inference_steps=4, guidance_scale=1.0)    # guidance_embed=False: CFG baked in
@@ -52,6 +56,7 @@ the plain ``SD3Transformer2DModel`` class (every SD3 fastgen technique applies):
 CLI (also ``accelerate launch -m distill.consistency ...``)::
 
     python -m distill.consistency --method lcm --teacher shapes-unet --output runs/lcm --steps 2000
+    python -m distill.consistency --method lcm --teacher runs/gd-unet/pipeline --output runs/lcm-gd  # from a GD student
     python -m distill.consistency --method scm --teacher shapes-mmdit --output runs/scm --steps 2000
 """
 
@@ -276,24 +281,47 @@ class LCMTrainer(DistillTrainer):
         if isinstance(fam, FlowFamily):
             raise _method_error("LCM", fam, "it is a flow-matching model (velocity prediction); LCM here needs an "
                                 "epsilon or v-prediction UNet. Use sCM: `python -m distill.consistency --method scm`")
-        if fam.model.config.time_cond_proj_dim is not None:
-            raise _method_error("LCM", fam, "its UNet already has a guidance input (time_cond_proj_dim): "
-                                "the teacher must be a CFG model")
+        if self.teacher_takes_w and not self.cfg.guidance_embed:
+            raise _method_error("LCM", fam, "its UNet already takes the guidance weight (time_cond_proj_dim, a "
+                                "guidance-distilled teacher), so the student keeps that input: drop "
+                                "--no-guidance-embed (guidance_embed=False)")
         T = fam.num_train_timesteps
         if T % self.cfg.num_ddim_timesteps:
             raise ValueError(f"num_ddim_timesteps={self.cfg.num_ddim_timesteps} must divide the teacher's "
                              f"num_train_timesteps={T}")
 
+    @property
+    def teacher_takes_w(self) -> bool:
+        """The teacher is guidance-distilled (``distill.guidance``): one call at ``g`` gives its guided
+        prediction, and the student starts from it with its trained guidance input."""
+        return self.family.model.config.time_cond_proj_dim is not None
+
     def build_student(self) -> torch.nn.Module:
         import copy
 
         m = self.teacher_model
+        if self.teacher_takes_w:
+            return copy.deepcopy(m)
         if self.cfg.guidance_embed:
             return unet_with_guidance_input(m, self.cfg.guidance_embed_dim)
         return copy.deepcopy(m)
 
     def new_layer_prefixes(self) -> tuple[str, ...]:
-        return ("time_embedding.cond_proj",) if self.cfg.guidance_embed else ()
+        return ("time_embedding.cond_proj",) if self.cfg.guidance_embed and not self.teacher_takes_w else ()
+
+    def teacher_guided(self, x_t, t, cond, uncond, g) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's guided ``(x0, eps)`` at ``(x_t, t)``: CFG ``u + g (c - u)`` from two calls, or one
+        call of a guidance-distilled teacher at ``g``."""
+        fam: UNetFamily = self.family  # type: ignore[assignment]
+        if self.teacher_takes_w:
+            return fam.x0_eps(fam.predict(self.teacher_model, x_t, t, cond, guidance=g).float(), x_t, t)
+        b = x_t.shape[0]
+        both = fam.predict(self.teacher_model, torch.cat([x_t, x_t]), torch.cat([t, t]),
+                           {kk: torch.cat([uncond[kk], cond[kk]]) for kk in cond}).float()
+        x0_u, e_u = fam.x0_eps(both[:b], x_t, t)
+        x0_c, e_c = fam.x0_eps(both[b:], x_t, t)
+        gv = g.view(-1, 1, 1, 1)
+        return x0_u + gv * (x0_c - x0_u), e_u + gv * (e_c - e_u)
 
     @property
     def eval_g(self) -> float:
@@ -345,12 +373,7 @@ class LCMTrainer(DistillTrainer):
         with self.autocast():
             pred = self.f(self.student, x_t, t, cond, g)
         with torch.no_grad(), self.autocast():
-            both = fam.predict(self.teacher_model, torch.cat([x_t, x_t]), torch.cat([t, t]),
-                               {kk: torch.cat([uncond[kk], cond[kk]]) for kk in cond}).float()
-            x0_u, e_u = fam.x0_eps(both[:b], x_t, t)
-            x0_c, e_c = fam.x0_eps(both[b:], x_t, t)
-            gv = g.view(sh)
-            x0_g, e_g = x0_u + gv * (x0_c - x0_u), e_u + gv * (e_c - e_u)
+            x0_g, e_g = self.teacher_guided(x_t, t, cond, uncond, g)
             ab_s = fam.ab(s).to(self.device).view(sh)
             x_s = ab_s.sqrt() * x0_g + (1 - ab_s).sqrt() * e_g
             target_model = self.ema if self.ema is not None else self.student

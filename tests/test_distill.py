@@ -422,6 +422,37 @@ def test_lcm_saved_with_lcm_scheduler_runs_four_steps_one_call_each(unet_teacher
     assert calls[0] == 4 and torch.isfinite(torch.from_numpy(img)).all()
 
 
+def test_lcm_from_guidance_distilled_teacher_one_teacher_call_and_keeps_its_w_input(unet_teacher, tmp_path):
+    """A guidance-distilled UNet teacher (``time_cond_proj_dim``) gives its guided target in one call, and
+    the student starts as an exact copy of it (the w input is trained, not a zero-initialised new layer)."""
+    from diffusers import DiffusionPipeline
+
+    gd = GuidanceTrainer(unet_teacher, GuidanceConfig(**{**FAST, "steps": 2, "lr": 1e-3}), tmp_path / "gd",
+                         zoo_name="shapes-unet")
+    gd.run(final_eval=False)
+    gd_pipe = DiffusionPipeline.from_pretrained(tmp_path / "gd" / "pipeline")
+    tr = LCMTrainer(gd_pipe, LCMConfig(**{**FAST, "steps": 2}), tmp_path / "lcm", zoo_name="shapes-unet")
+    assert tr.teacher_takes_w and tr.new_layer_prefixes() == ()
+    x, t, cond = _inputs(tr)
+    g = torch.tensor([2.0, 5.0, 9.0])
+    calls = _count_calls(tr.teacher_model)
+    with torch.no_grad():
+        x0_g, e_g = tr.teacher_guided(x, t, cond, None, g)
+        assert calls[0] == 1
+        want = tr.family.predict(tr.teacher_model, x, t, cond, guidance=g)
+        student = tr.family.predict(tr.student, x, t, cond, guidance=g)
+    torch.testing.assert_close(e_g, want.float(), atol=0, rtol=0)
+    torch.testing.assert_close(student, want, atol=0, rtol=0)
+    tr.run(final_eval=False)
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "lcm" / "pipeline")
+    n = _count_calls(pipe.unet)
+    with torch.no_grad():
+        pipe("a red circle", **tr.call_kwargs(), height=32, width=32, output_type="np")
+    assert n[0] == 4  # 4 LCM steps, one UNet call each (the w input replaces CFG batching)
+    with pytest.raises(UnsupportedPipelineError, match="guidance-distilled teacher.*guidance_embed"):
+        LCMTrainer(gd_pipe, LCMConfig(**{**FAST, "guidance_embed": False}), tmp_path / "x", zoo_name="shapes-unet")
+
+
 def test_lcm_lora_trains_only_adapters_and_exports_fused_and_lora(unet_teacher, tmp_path):
     from diffusers import DiffusionPipeline
 
