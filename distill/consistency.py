@@ -254,9 +254,15 @@ class LCMConfig(DistillConfig):
     """LCM boundary-condition time scaling (LCMScheduler's timestep_scaling)."""
     sigma_data: float = 0.5
     eval_steps: int = 4
-    """Sampling steps of the evaluation / the advertised call."""
+    """Sampling steps of the evaluation / the advertised call (phased: always ``phases``)."""
     eval_guidance: float | None = None
     """g of the evaluation for w-conditioned students (default: zoo default, else 1 + mean w)."""
+    phases: int = 0
+    """0: plain LCM (every point maps to t = 0). P > 0: phased consistency (PCM, Wang et al. 2024;
+    multistep consistency, Heek et al. 2024): the timesteps split into P phases at grid points, each point
+    maps by a DDIM jump to its phase's lower edge, and the student samples in exactly P deterministic DDIM
+    steps (saved with a trailing-spacing ``DDIMScheduler``). Each map only has to cover 1/P of the
+    trajectory, so a small student can fit it; use P = the step count you want (2-4)."""
 
     def check(self) -> None:
         super().check()
@@ -264,6 +270,9 @@ class LCMConfig(DistillConfig):
             raise ValueError(f"need 0 <= w_min <= w_max (w = guidance_scale - 1), got {self.w_min}, {self.w_max}")
         if self.num_ddim_timesteps < 2:
             raise ValueError("num_ddim_timesteps must be >= 2")
+        if self.phases < 0 or (self.phases and self.num_ddim_timesteps % self.phases):
+            raise ValueError(f"phases must be 0 or a divisor of num_ddim_timesteps={self.num_ddim_timesteps}, "
+                             f"got {self.phases}")
 
 
 def _method_error(method: str, fam, reason: str) -> UnsupportedPipelineError:
@@ -335,24 +344,39 @@ class LCMTrainer(DistillTrainer):
         return 1.0 + 0.5 * (cfg.w_min + cfg.w_max)
 
     def student_scheduler(self):
-        from diffusers import LCMScheduler
+        from diffusers import DDIMScheduler, LCMScheduler
 
         cfg = {k: v for k, v in dict(self.teacher.scheduler.config).items() if not k.startswith("_")}
+        if self.cfg.phases:  # DDIM at the phase edges: trailing spacing visits T-1, T-1-T/P, ... and ends clean
+            cfg.update(timestep_spacing="trailing", set_alpha_to_one=True, clip_sample=False, thresholding=False,
+                       prediction_type=self.family.prediction_type)
+            return DDIMScheduler.from_config(cfg)
         cfg.update(original_inference_steps=self.cfg.num_ddim_timesteps, timestep_scaling=self.cfg.timestep_scaling,
                    prediction_type=self.family.prediction_type)
         return LCMScheduler.from_config(cfg)
 
     def call_kwargs(self) -> dict[str, Any]:
-        return {"num_inference_steps": self.cfg.eval_steps,
+        return {"num_inference_steps": self.cfg.phases or self.cfg.eval_steps,
                 "guidance_scale": self.eval_g if self.cfg.guidance_embed else 1.0}
 
+    def phase_edge(self, t: torch.Tensor) -> torch.Tensor:
+        """The lower edge of the phase of integer timesteps ``t`` (-1: the clean end). Edges are the grid
+        points ``j T / P - 1`` (the timesteps trailing-spacing DDIM visits with P steps), and a point on an
+        edge belongs to the phase below it, as DDIM steps from it to the next edge."""
+        span = self.family.num_train_timesteps // self.cfg.phases
+        return torch.div(t, span, rounding_mode="floor") * span - 1
+
     def f(self, model, x, t, cond, g) -> torch.Tensor:
-        """The consistency function ``c_skip x + c_out x0_hat`` of ``model`` at integer timesteps ``t``."""
+        """The consistency function of ``model`` at integer timesteps ``t``: LCM's ``c_skip x + c_out
+        x0_hat``, or (phased) the DDIM jump ``sqrt(ab_e) x0_hat + sqrt(1 - ab_e) eps_hat`` to the phase edge."""
         fam: UNetFamily = self.family  # type: ignore[assignment]
         pred = fam.predict(model, x, t, cond, guidance=g if self.cfg.guidance_embed else None).float()
-        x0, _ = fam.x0_eps(pred, x, t)
-        c_skip, c_out = lcm_boundary_scalings(t.cpu(), self.cfg.sigma_data, self.cfg.timestep_scaling)
+        x0, eps = fam.x0_eps(pred, x, t)
         sh = (-1, 1, 1, 1)
+        if self.cfg.phases:
+            ab_e = fam.ab(self.phase_edge(t)).to(x.device).view(sh)
+            return ab_e.sqrt() * x0 + (1 - ab_e).sqrt() * eps
+        c_skip, c_out = lcm_boundary_scalings(t.cpu(), self.cfg.sigma_data, self.cfg.timestep_scaling)
         return c_skip.to(x.device).view(sh) * x + c_out.to(x.device).view(sh) * x0
 
     def loss(self, step: int):
@@ -363,7 +387,7 @@ class LCMTrainer(DistillTrainer):
         k = fam.num_train_timesteps // cfg.num_ddim_timesteps
         n = torch.randint(0, cfg.num_ddim_timesteps, (b,), generator=gen)
         t = ((n + 1) * k - 1).to(self.device)
-        s = (t - k).clamp(min=0)
+        s = (t - k).clamp(min=-1 if cfg.phases else 0)  # phased: -1 is the clean end (alpha_bar = 1)
         w = cfg.w_min + (cfg.w_max - cfg.w_min) * torch.rand(b, generator=gen)
         g = (1.0 + w).to(self.device)
         noise = self.randn(x0.shape, gen)
@@ -378,6 +402,9 @@ class LCMTrainer(DistillTrainer):
             x_s = ab_s.sqrt() * x0_g + (1 - ab_s).sqrt() * e_g
             target_model = self.ema if self.ema is not None else self.student
             target = self.f(target_model, x_s, s, cond, g)
+            if cfg.phases:  # a step that lands on its phase edge is its own target (the phase's boundary condition)
+                on_edge = (s == self.phase_edge(t)).view(sh)
+                target = torch.where(on_edge, x_s, target)
         return pseudo_huber(pred, target, cfg.huber_c), {}
 
 

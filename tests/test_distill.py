@@ -453,6 +453,38 @@ def test_lcm_from_guidance_distilled_teacher_one_teacher_call_and_keeps_its_w_in
         LCMTrainer(gd_pipe, LCMConfig(**{**FAST, "guidance_embed": False}), tmp_path / "x", zoo_name="shapes-unet")
 
 
+def test_phased_lcm_edges_training_and_saved_ddim_sampler_is_the_chain_of_phase_maps(unet_teacher, tmp_path):
+    """Phased consistency (``phases=P``): each grid point maps to its phase's lower edge; the saved
+    trailing DDIM scheduler's P steps are exactly the chain of the student's phase maps from the noise."""
+    from diffusers import DDIMScheduler, DiffusionPipeline
+
+    with pytest.raises(ValueError, match="divisor of num_ddim_timesteps"):
+        LCMConfig(**{**FAST, "phases": 3}).check()
+    cfg = LCMConfig(**{**FAST, "phases": 4, "num_ddim_timesteps": 20, "lr": 1e-3, "ema_decay": 0.5})
+    tr = LCMTrainer(unet_teacher, cfg, tmp_path, zoo_name="shapes-unet")
+    t = torch.tensor([999, 750, 749, 500, 250, 249, 49, 0])
+    assert tr.phase_edge(t).tolist() == [749, 749, 499, 499, 249, -1, -1, -1]
+    _fixed_batch(tr)
+    losses = [tr.train_step() for _ in range(4)]
+    assert all(math.isfinite(v) for v in losses) and min(losses[-2:]) < losses[0], losses
+    tr.save(pipe=tr.export_pipeline())
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "pipeline")
+    assert isinstance(pipe.scheduler, DDIMScheduler) and tr.call_kwargs()["num_inference_steps"] == 4
+    seen = []
+    pipe.unet.register_forward_pre_hook(lambda m, a: seen.append(int(a[1].flatten()[0])))
+    noise = torch.randn(1, pipe.unet.config.in_channels, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got = pipe("a red circle", **tr.call_kwargs(), height=32, width=32, latents=noise.clone(),
+                   output_type="latent").images
+        assert seen == [999, 749, 499, 249]
+        cond, _ = tr.family.encode(["a red circle"])
+        x = noise.clone()
+        g = torch.full((1,), tr.call_kwargs()["guidance_scale"])
+        for ti in [999, 749, 499, 249]:
+            x = tr.f(pipe.unet, x, torch.tensor([ti]), cond, g)
+    torch.testing.assert_close(got.float(), x, atol=1e-5, rtol=1e-4)
+
+
 def test_lcm_lora_trains_only_adapters_and_exports_fused_and_lora(unet_teacher, tmp_path):
     from diffusers import DiffusionPipeline
 
