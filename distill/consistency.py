@@ -20,6 +20,15 @@ Saved with ``LCMScheduler`` (``original_inference_steps = num_ddim_timesteps``):
     pipe(prompt, num_inference_steps=4, guidance_scale=g)      # w-conditioned: one UNet call per step
     pipe(prompt, num_inference_steps=4, guidance_scale=1.0)    # guidance_embed=False: CFG baked in
 
+*Phased* (``phases=P``; Wang et al., "Phased Consistency Models", arXiv 2405.18407; Heek et al.,
+"Multistep Consistency Models", arXiv 2403.06807): the grid splits into P phases with edges
+``j T / P - 1`` (``-1``: clean), the consistency function is the DDIM jump ``sqrt(ab_e) x0_hat +
+sqrt(1 - ab_e) eps_hat`` to the lower edge ``e`` of the point's phase (no c_skip/c_out), and a step that
+lands on its edge is its own target. The student is saved with a trailing-spacing ``DDIMScheduler``
+(``set_alpha_to_one``) whose P steps visit exactly the edges, so ``pipe(prompt, num_inference_steps=P,
+guidance_scale=g)`` is the chain of phase maps. Each map covers 1/P of the trajectory, which a small
+student can fit where a whole-trajectory LCM map costs it quality (measured on ``shapes-unet``, README).
+
 **sCM** (:class:`SCMTrainer`; Lu & Song, "Simplifying, Stabilizing and Scaling Continuous-Time
 Consistency Models", ICLR 2025) for flow-matching MMDiTs (``StableDiffusion3Pipeline``), through the
 training-free flow -> TrigFlow conversion of SANA-Sprint (Chen et al., arXiv 2503.09641): a rectified-flow
@@ -257,6 +266,11 @@ class LCMConfig(DistillConfig):
     """Sampling steps of the evaluation / the advertised call (phased: always ``phases``)."""
     eval_guidance: float | None = None
     """g of the evaluation for w-conditioned students (default: zoo default, else 1 + mean w)."""
+    init_student: str | None = None
+    """A pipeline folder (or its ``unet`` folder) whose UNet starts the student, e.g. a ``distill.guidance``
+    student of the same teacher: the student then starts with a trained w input while the targets stay the
+    CFG teacher's own ODE (a guidance-distilled *teacher* would make the student learn that student's ODE,
+    which on ``shapes-unet`` scores lower at many steps than the CFG teacher's). None: a copy of the teacher."""
     phases: int = 0
     """0: plain LCM (every point maps to t = 0). P > 0: phased consistency (PCM, Wang et al. 2024;
     multistep consistency, Heek et al. 2024): the timesteps split into P phases at grid points, each point
@@ -309,14 +323,42 @@ class LCMTrainer(DistillTrainer):
         import copy
 
         m = self.teacher_model
+        if self.cfg.init_student:
+            return self._load_init_student()
         if self.teacher_takes_w:
             return copy.deepcopy(m)
         if self.cfg.guidance_embed:
             return unet_with_guidance_input(m, self.cfg.guidance_embed_dim)
         return copy.deepcopy(m)
 
+    def _load_init_student(self) -> torch.nn.Module:
+        """The UNet of ``cfg.init_student``, checked against the teacher's architecture and the w input."""
+        from pathlib import Path
+
+        from diffusers import UNet2DConditionModel
+
+        path = Path(self.cfg.init_student)
+        folder = path / "unet" if (path / "unet" / "config.json").exists() else path
+        if not (folder / "config.json").exists():
+            raise FileNotFoundError(f"init_student={str(path)!r} is neither a pipeline folder with a unet/ nor a UNet "
+                                    "folder (no config.json)")
+        unet = UNet2DConditionModel.from_pretrained(folder)
+        want = self.cfg.guidance_embed_dim if self.cfg.guidance_embed else None
+        have = unet.config.time_cond_proj_dim
+        if have != want:
+            raise ValueError(f"init_student's UNet has time_cond_proj_dim={have}, the student needs {want} "
+                             "(guidance_embed/guidance_embed_dim); start from a distill.guidance student of this teacher")
+        ref = {k: tuple(v.shape) for k, v in self.teacher_model.state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in unet.state_dict().items() if not k.startswith("time_embedding.cond_proj")}
+        if ref != got:
+            bad = sorted(set(ref.items()) ^ set(got.items()))[:3]
+            raise ValueError(f"init_student's UNet is not the teacher's architecture (first differences: {bad})")
+        return unet.to(self.device, self.teacher_model.dtype)
+
     def new_layer_prefixes(self) -> tuple[str, ...]:
-        return ("time_embedding.cond_proj",) if self.cfg.guidance_embed and not self.teacher_takes_w else ()
+        if self.teacher_takes_w or self.cfg.init_student:
+            return ()
+        return ("time_embedding.cond_proj",) if self.cfg.guidance_embed else ()
 
     def teacher_guided(self, x_t, t, cond, uncond, g) -> tuple[torch.Tensor, torch.Tensor]:
         """The teacher's guided ``(x0, eps)`` at ``(x_t, t)``: CFG ``u + g (c - u)`` from two calls, or one

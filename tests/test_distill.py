@@ -453,6 +453,30 @@ def test_lcm_from_guidance_distilled_teacher_one_teacher_call_and_keeps_its_w_in
         LCMTrainer(gd_pipe, LCMConfig(**{**FAST, "guidance_embed": False}), tmp_path / "x", zoo_name="shapes-unet")
 
 
+def test_lcm_init_student_from_a_guidance_student_keeps_cfg_targets(unet_teacher, tmp_path):
+    from fastgen.zoo.train import save_pipeline
+
+    gd = GuidanceTrainer(unet_teacher, GuidanceConfig(**{**FAST, "steps": 1, "lr": 1e-3}), tmp_path / "gd",
+                         zoo_name="shapes-unet")
+    gd.run(final_eval=False)
+    cfg = LCMConfig(**{**FAST, "steps": 1, "init_student": str(tmp_path / "gd" / "pipeline")})
+    tr = LCMTrainer(unet_teacher, cfg, tmp_path / "lcm", zoo_name="shapes-unet")
+    assert not tr.teacher_takes_w and tr.new_layer_prefixes() == ()
+    want = gd.export_pipeline().unet.state_dict()
+    for k, v in tr.student.state_dict().items():
+        torch.testing.assert_close(v, want[k], atol=0, rtol=0)
+    x, t, cond = _inputs(tr)
+    _, uncond = tr.family.encode(["a red circle"] * 3)
+    calls = _count_calls(tr.teacher_model)
+    with torch.no_grad():
+        tr.teacher_guided(x, t, cond, uncond, torch.full((3,), 5.0))
+    assert calls[0] == 1  # one batched CFG call (uncond + cond) of the CFG teacher
+    tr.run(final_eval=False)
+    plain = save_pipeline(unet_teacher, tmp_path / "plain")  # a UNet without the w input
+    with pytest.raises(ValueError, match="time_cond_proj_dim=None.*needs 256"):
+        LCMTrainer(unet_teacher, LCMConfig(**{**FAST, "init_student": str(plain)}), tmp_path / "x", zoo_name="shapes-unet")
+
+
 def test_phased_lcm_edges_training_and_saved_ddim_sampler_is_the_chain_of_phase_maps(unet_teacher, tmp_path):
     """Phased consistency (``phases=P``): each grid point maps to its phase's lower edge; the saved
     trailing DDIM scheduler's P steps are exactly the chain of the student's phase maps from the noise."""
