@@ -329,16 +329,12 @@ class LCMTrainer(DistillTrainer):
         m = self.teacher_model
         if self.cfg.init_student:
             return self._load_init_student()
-        if self.teacher_takes_w:
-            return copy.deepcopy(m)
-        if self.cfg.guidance_embed:
+        if self.cfg.guidance_embed and not self.teacher_takes_w:  # a GD teacher keeps its own trained w input
             return unet_with_guidance_input(m, self.cfg.guidance_embed_dim)
         return copy.deepcopy(m)
 
     def _load_init_student(self) -> torch.nn.Module:
         """The UNet of ``cfg.init_student``, checked against the teacher's architecture and the w input."""
-        from pathlib import Path
-
         from diffusers import UNet2DConditionModel
 
         path = Path(self.cfg.init_student)
@@ -491,7 +487,7 @@ class SCMConfig(DistillConfig):
     mid_t: float = SCM_MID_T
     """TrigFlow time (radians) of the 2-step sampler's intermediate point (sCM / SANA-Sprint: 1.3, flow
     sigma 0.78). Later is noisier; :func:`choose_mid_t` picks it on calibration prompts (shapes-mmdit:
-    1.47, sigma 0.9). Range 1.0-1.5."""
+    1.496, sigma 0.93). Range 1.0-1.5."""
 
     def check(self) -> None:
         super().check()
@@ -627,9 +623,9 @@ def distill_consistency(teacher_pipe, method: str, cfg: DistillConfig | None = N
     cfg = cfg if cfg is not None else cfg_cls()
     if not isinstance(cfg, cfg_cls):
         raise TypeError(f"method {method!r} takes a {cfg_cls.__name__}, got {type(cfg).__name__}")
-    tr = tr_cls(teacher_pipe, cfg, out, zoo_name=zoo_name, prompts=prompts, eval_fn=eval_fn)
     if choose_mid_t_prompts and (method != "scm" or zoo_name is None or cfg.eval_steps != 2):
         raise ValueError("choosing the intermediate time needs method 'scm', a zoo teacher and eval_steps=2")
+    tr = tr_cls(teacher_pipe, cfg, out, zoo_name=zoo_name, prompts=prompts, eval_fn=eval_fn)
     if resume:
         tr.resume()
     tr.run()

@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from fastgen.text import _bytes_to_unicode  # GPT-2's fixed byte table (the merges below stay frozen here)
 from fastgen.utils.io import Resumable, check_same_config
 from fastgen.utils.logging import get_logger, log_to_stderr_with_time, quiet_diffusers
-from fastgen.zoo import AR_MODELS, DEFAULTS, MODELS, shapes
+from fastgen.zoo import AR_MODELS, DEFAULTS, MODELS, extra_call_kwargs, shapes
 from fastgen.zoo.attention import CollapsedZerosJointAttnProcessor, use_collapsed_zeros
 
 __all__ = [
@@ -395,8 +395,9 @@ def evaluate_pipeline(pipe, name: str, n: int = 100, seed: int = shapes.EVAL_SEE
     prompts = shapes.sample_prompts(n, seed)
     is_sd3 = hasattr(pipe, "transformer") and pipe.transformer is not None
     extra: dict[str, Any] = {}
-    if "sigmas" in d and steps == d["num_inference_steps"]:  # e.g. the sCM student's 2-step grid
-        extra["sigmas"] = list(d["sigmas"])
+    sigmas = extra_call_kwargs(name, steps).get("sigmas")  # e.g. the sCM student's 2-step grid, at its step count
+    if sigmas is not None:
+        extra["sigmas"] = list(sigmas)
     saved_procs = pipe.transformer.attn_processors if is_sd3 else None
     if is_sd3 and fast:
         _use_collapsed_zeros(pipe.transformer, True)
