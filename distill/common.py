@@ -594,6 +594,8 @@ class DistillTrainer(Resumable):
     def _pool_guidance(self) -> float:
         if self.cfg.pool_guidance is not None:
             return float(self.cfg.pool_guidance)
+        if isinstance(self.family.model, GuidanceSD3Transformer2DModel):
+            return 1.0  # a guidance-distilled SD3 guides itself at its default_guidance_scale; CFG would guide twice
         if self.zoo_name is not None:
             from fastgen.zoo import DEFAULTS
 

@@ -29,7 +29,9 @@ sqrt(1 - ab_e) eps_hat`` to the lower edge ``e`` of the point's phase (no c_skip
 lands on its edge is its own target. The student is saved with a trailing-spacing ``DDIMScheduler``
 (``set_alpha_to_one``) whose P steps visit exactly the edges, so ``pipe(prompt, num_inference_steps=P,
 guidance_scale=g)`` is the chain of phase maps. Each map covers 1/P of the trajectory instead of all of
-it (on ``shapes-unet`` neither form beat the guidance-distilled start in 1000 steps; README).
+it. On ``shapes-unet`` neither form beat the guidance-distilled start's 4-step score; plain LCM from the CFG
+teacher with ``init_student`` at lr 2e-6 kept it above the goal while the 1-step score rose (the shipped
+``shapes-unet-lcm``; README).
 
 **sCM** (:class:`SCMTrainer`; Lu & Song, "Simplifying, Stabilizing and Scaling Continuous-Time
 Consistency Models", ICLR 2025) for flow-matching MMDiTs (``StableDiffusion3Pipeline``), through the
@@ -42,7 +44,10 @@ teacher's CFG velocity gives ``dx_t/dt``; one forward-mode JVP of the student (`
 the PF-ODE, tangents ``(cos t sin t dx_t/dt / sd, cos t sin t)``; ``g = -cos^2 t (sd F^- - dx_t/dt) -
 r cos t sin t x_t - r sd dF^-`` (``r`` warms up from 0 to 1 over ``tangent_warmup`` steps) normalised
 ``g / (||g|| + c)``; loss ``exp(-logvar(t)) / (sd tan t) * mean((F_theta - F^- - g)^2) + logvar(t)`` with a
-learned adaptive weighting ``logvar`` (:class:`LogVarHead`, kept in the checkpoint only).
+learned adaptive weighting ``logvar`` (:class:`LogVarHead`, kept in the checkpoint only). The teacher may
+be guidance-distilled (:class:`~distill.models.GuidanceSD3Transformer2DModel`, as SANA-Sprint distils from a
+guidance-embedded teacher): its velocity at ``g`` is one call instead of two, and the student starts as an
+exact copy that keeps the g input and the teacher's ``default_guidance_scale`` (:attr:`SCMTrainer.teacher_takes_g`).
 
 *Attention backend for the JVP*: PyTorch's fused SDPA kernels have no forward-mode AD (torch 2.x raises
 ``NotImplementedError`` for ``_scaled_dot_product_flash_attention_for_cpu``; the CUDA flash/efficient/cuDNN
@@ -471,9 +476,11 @@ class SCMConfig(DistillConfig):
     t_min: float = 1e-3
     """Clamp of t away from 0 and pi/2 (radians)."""
     guidance_scale: float | None = None
-    """Teacher CFG g baked into the student (default: zoo default, else 4.5). Ignored with guidance_embed."""
+    """Teacher CFG g baked into the student (default: a guidance-distilled teacher's
+    ``default_guidance_scale``, else the zoo default, else 4.5). Ignored with guidance_embed."""
     guidance_embed: bool = False
-    """Student takes g as input (GuidanceSD3Transformer2DModel), g ~ U[g_min, g_max] per sample."""
+    """Student takes g as input (GuidanceSD3Transformer2DModel), g ~ U[g_min, g_max] per sample. A
+    guidance-distilled teacher's student always keeps that input (False: trained at the fixed g only)."""
     g_min: float = 3.0
     g_max: float = 6.0
     tangent_warmup: int = 1000
@@ -513,13 +520,24 @@ class SCMTrainer(DistillTrainer):
             raise _method_error("sCM", fam, f"it is a {fam.prediction_type}-prediction diffusion UNet, not a "
                                 "flow-matching model; sCM's training-free TrigFlow conversion needs a rectified-flow "
                                 "teacher. Use LCM: `python -m distill.consistency --method lcm`")
-        if isinstance(fam.model, GuidanceSD3Transformer2DModel):
-            raise _method_error("sCM", fam, "the teacher is guidance-distilled already; give the CFG teacher")
+
+    @property
+    def teacher_takes_g(self) -> bool:
+        """The teacher is guidance-distilled (``distill.guidance``): one call at ``g`` gives its guided
+        velocity, and the student starts as a copy of it with its trained guidance input (SANA-Sprint also
+        distils from a guidance-embedded teacher)."""
+        return isinstance(self.family.model, GuidanceSD3Transformer2DModel)
+
+    @property
+    def student_takes_g(self) -> bool:
+        return self.cfg.guidance_embed or self.teacher_takes_g
 
     @property
     def teacher_g(self) -> float:
         if self.cfg.guidance_scale is not None:
             return float(self.cfg.guidance_scale)
+        if self.teacher_takes_g:
+            return float(self.teacher_model.default_guidance_scale)
         if self.zoo_name is not None:
             from fastgen.zoo import DEFAULTS
 
@@ -529,6 +547,11 @@ class SCMTrainer(DistillTrainer):
     def build_student(self) -> torch.nn.Module:
         import copy
 
+        if self.teacher_takes_g:  # keeps the teacher's trained guidance input; its default g is the one baked in
+            student = copy.deepcopy(self.teacher_model)
+            student.register_to_config(default_guidance_scale=self.teacher_g)
+            student.default_guidance_scale = self.teacher_g
+            return student
         if self.cfg.guidance_embed:
             return sd3_with_guidance_input(self.teacher_model, default_guidance_scale=self.teacher_g)
         return copy.deepcopy(self.teacher_model)
@@ -537,20 +560,20 @@ class SCMTrainer(DistillTrainer):
         return {"logvar": LogVarHead()}
 
     def new_layer_prefixes(self) -> tuple[str, ...]:
-        return ("guidance_proj",) if self.cfg.guidance_embed else ()
+        return ("guidance_proj",) if self.cfg.guidance_embed and not self.teacher_takes_g else ()
 
     def student_scheduler(self):
         return scm_scheduler(int(self.teacher.scheduler.config.get("num_train_timesteps", 1000)))
 
     def call_kwargs(self) -> dict[str, Any]:
         return scm_call_kwargs(self.cfg.eval_steps, self.cfg.mid_t,
-                               guidance_scale=self.teacher_g if self.cfg.guidance_embed else None)
+                               guidance_scale=self.teacher_g if self.student_takes_g else None)
 
     def eval_settings(self) -> tuple[int, float]:
         return int(self.cfg.eval_steps), 1.0
 
     def prepare_eval_pipeline(self, pipe) -> None:
-        if self.cfg.guidance_embed:
+        if self.student_takes_g:
             pipe.transformer.default_guidance_scale = self.teacher_g
         if self.cfg.eval_steps == 2:  # evaluate_pipeline passes no sigmas: a scheduler whose 2-step grid is [1, s_mid]
             pipe.scheduler = scm_scheduler(pipe.scheduler.config.num_train_timesteps, self.cfg.mid_t)
@@ -576,9 +599,12 @@ class SCMTrainer(DistillTrainer):
         sh = (-1, 1, 1, 1)
         cos, sin = torch.cos(t).view(sh), torch.sin(t).view(sh)
         x_t = cos * (sd * x0) + sin * z
-        g_student = g if cfg.guidance_embed else None
+        g_student = g if self.student_takes_g else None
         with torch.no_grad(), self.autocast():
-            v_fn = lambda xs, s: fam.cfg_predict(self.teacher_model, xs, s, cond, uncond, g).float()  # noqa: E731
+            if self.teacher_takes_g:
+                v_fn = lambda xs, s: fam.predict(self.teacher_model, xs, s, cond, guidance=g).float()  # noqa: E731
+            else:
+                v_fn = lambda xs, s: fam.cfg_predict(self.teacher_model, xs, s, cond, uncond, g).float()  # noqa: E731
             dxdt = sd * flow_to_trigflow(v_fn, x_t / sd, t)
             v_x, v_t = cos * sin * dxdt / sd, (torch.cos(t) * torch.sin(t))
             with jvp_attention():

@@ -623,6 +623,41 @@ def test_scm_student_samples_in_one_and_two_steps(mmdit_teacher, tmp_path):
         assert abs(scm_call_kwargs(2, mid_t)["sigmas"][1] - s_mid) < 1e-4
 
 
+def test_scm_from_guidance_distilled_teacher_one_teacher_call_and_keeps_its_g_input(mmdit_teacher, tmp_path):
+    """A guidance-distilled SD3 teacher gives its guided velocity in one call at g, the student starts as an
+    exact copy with the teacher's default g, the pool is not guided twice, and the saved student runs one
+    transformer call per step at that g."""
+    from diffusers import DiffusionPipeline
+
+    from distill.models import GuidanceSD3Transformer2DModel
+
+    gd = GuidanceTrainer(mmdit_teacher, GuidanceConfig(**{**FAST, "steps": 2, "lr": 1e-3}), tmp_path / "gd",
+                         zoo_name="shapes-mmdit")
+    gd.run(final_eval=False)
+    gd_pipe = DiffusionPipeline.from_pretrained(tmp_path / "gd" / "pipeline")
+    gd_pipe.transformer.default_guidance_scale = 4.0
+    tr = SCMTrainer(gd_pipe, SCMConfig(**{**FAST, "steps": 2}), tmp_path / "scm", zoo_name="shapes-mmdit")
+    assert tr.teacher_takes_g and tr.new_layer_prefixes() == () and tr.teacher_g == 4.0
+    assert tr.pool.guidance == 1.0  # the teacher's own g guides the pool samples
+    assert isinstance(tr.student, GuidanceSD3Transformer2DModel) and tr.student.default_guidance_scale == 4.0
+    x, t, cond = _inputs(tr)
+    with torch.no_grad():
+        a = tr.family.predict(tr.student, x, t, cond, guidance=torch.full((3,), 4.0))
+        b = tr.family.predict(tr.teacher_model, x, t, cond, guidance=torch.full((3,), 4.0))
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    calls = _count_calls(tr.teacher_model)
+    _fixed_batch(tr)
+    loss = tr.train_step()
+    assert math.isfinite(loss) and calls[0] == 1  # one guided teacher call per step, no CFG pair
+    tr.run(final_eval=False)
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "scm" / "pipeline")
+    assert pipe.transformer.default_guidance_scale == 4.0
+    n = _count_calls(pipe.transformer)
+    with torch.no_grad():
+        pipe("a red circle", **tr.call_kwargs(), height=32, width=32, output_type="latent", max_sequence_length=2)
+    assert n[0] == 1
+
+
 def test_scm_choose_mid_t_picks_a_candidate_on_calibration_prompts(mmdit_teacher, tmp_path):
     from distill.consistency import choose_mid_t, distill_consistency
 

@@ -32,7 +32,8 @@ __all__ = [
 
 #: Distilled students shipped next to their teachers (``student -> teacher``), trained by ``distill/``.
 #: They are scored on their teacher's world and prompts; the commands that train them are in the README.
-STUDENTS: dict[str, str] = {"shapes-mmdit-gd": "shapes-mmdit", "shapes-mmdit-scm": "shapes-mmdit"}
+STUDENTS: dict[str, str] = {"shapes-mmdit-gd": "shapes-mmdit", "shapes-mmdit-scm": "shapes-mmdit",
+                            "shapes-unet-lcm": "shapes-unet"}
 
 #: The zoo's model names (teachers first, then the distilled students).
 MODELS: tuple[str, ...] = ("shapes-mmdit", "shapes-unet", "digits-var", *STUDENTS)
@@ -56,6 +57,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "shapes-mmdit-scm": {"num_inference_steps": 2, "guidance_scale": 1.0, "sigmas": [1.0, 0.93],
                          "sampler": "sCM 2-step (flow-Euler shift 1 through sigma 0.93)", "height": 32, "width": 32,
                          "max_sequence_length": 2},
+    # LCM consistency student of shapes-unet (w-conditioned: guidance_scale feeds its w input through
+    # time_cond_proj_dim, so the pipeline runs no CFG batch): 4 LCMScheduler steps, one UNet call each
+    "shapes-unet-lcm": {"num_inference_steps": 4, "guidance_scale": 5.0, "sampler": "lcm (10-point grid)",
+                        "height": 32, "width": 32},
 }
 
 #: How each student was made (shown in errors when its weights are missing).
@@ -63,6 +68,10 @@ _STUDENT_RECIPES: dict[str, str] = {
     "shapes-mmdit-scm": "python -m distill.consistency --method scm --teacher shapes-mmdit --output runs/scm-mmdit "
                         "--steps 5000 --batch 32 --lr 5e-5 --warmup 100 --eval-every 500 --eval-steps 2 "
                         "--tangent-warmup 500 --choose-mid-t 500",
+    "shapes-unet-lcm": "python -m distill.guidance --teacher shapes-unet --output runs/gd-unet --steps 1000 --batch 32 "
+                       "--lr 5e-5 --warmup 100 --eval-every 500 --eval-steps 8 && python -m distill.consistency "
+                       "--method lcm --teacher shapes-unet --init-student runs/gd-unet/pipeline --output runs/lcm-unet "
+                       "--steps 1000 --batch 32 --lr 2e-6 --huber-c 0 --num-ddim-timesteps 10 --w-max 6 --eval-every 250",
     "shapes-mmdit-gd": "python -m distill.guidance --teacher shapes-mmdit --output runs/gd-mmdit --steps 3000 "
                        "--batch 32 --lr 5e-5 --warmup 100 --t-sampling logit-normal",
 }
