@@ -237,3 +237,19 @@ def test_profile_recipes_rejects_bad_arguments_and_leaves_the_pipeline_unpatched
     with pytest.raises(RecipeError, match="unknown technique"):
         profile_recipes(pipe, ["baseline", "nosuchtechnique:1"], kw, repeats=1)
     assert get_state(pipe) is None
+
+
+def test_demo_recipe_of_every_zoo_model_parses_for_that_model():
+    """`fastgen demo --model M` uses DEMO_RECIPES[M] (e.g. the LCM student's own sampler at 2 of its 4 steps):
+    each is a valid recipe, and a step-count recipe is fewer steps than the model's default call."""
+    import fastgen
+    import fastgen.zoo as zoo
+    from fastgen import cli
+
+    for model, recipe in cli.DEMO_RECIPES.items():
+        assert model in zoo.MODELS
+        cfgs = fastgen.parse_recipe(recipe)
+        assert cfgs
+        n = getattr(cfgs[0], "num_inference_steps", None)
+        if n is not None:
+            assert n < zoo.DEFAULTS[model]["num_inference_steps"]
