@@ -38,7 +38,7 @@ from fastgen.errors import UnsupportedPipelineError
 from fastgen.utils.io import Resumable, check_same_config
 from fastgen.utils.logging import get_logger, log_to_stderr_with_time, quiet_diffusers
 
-from .models import GuidanceSD3Transformer2DModel, guidance_embedding
+from .models import GuidanceSD3Transformer2DModel, guidance_embedding, has_guidance_input
 
 __all__ = [
     "DistillConfig", "Family", "UNetFamily", "FlowFamily", "family_for", "TeacherPool", "DistillTrainer",
@@ -590,6 +590,12 @@ class DistillTrainer(Resumable):
             s = int(m.config.sample_size) * int(self.teacher.vae_scale_factor)
             h = w = s
         return int(cfg.height or h), int(cfg.width or w)
+
+    @property
+    def teacher_takes_guidance(self) -> bool:
+        """The teacher is guidance-distilled (:func:`~distill.models.has_guidance_input`): one call at ``g``
+        gives its guided prediction."""
+        return has_guidance_input(self.family.model)
 
     def _pool_guidance(self) -> float:
         if self.cfg.pool_guidance is not None:

@@ -14,9 +14,10 @@ a peft LoRA (``lora_rank``; LCM-LoRA proper also sets ``ema_decay=0``: the targe
 ``no_grad``). The teacher may itself be guidance-distilled (a ``distill.guidance`` student, whose UNet has
 ``time_cond_proj_dim``): its guided prediction is then one call at ``g`` instead of two, and the student
 starts as an exact copy of it, trained w input included, so it starts at the guided quality rather than
-having to pull the guidance in through the one-DDIM-step target (:attr:`LCMTrainer.teacher_takes_w`). The
-targets are then that student's ODE; ``init_student`` instead starts the student from a guidance-distilled
-UNet while a CFG teacher keeps making the targets.
+having to pull the guidance in through the one-DDIM-step target
+(:attr:`~distill.common.DistillTrainer.teacher_takes_guidance`). The targets are then that student's ODE;
+``init_student`` instead starts the student from a guidance-distilled UNet while a CFG teacher keeps making
+the targets.
 Saved with ``LCMScheduler`` (``original_inference_steps = num_ddim_timesteps``)::
 
     pipe(prompt, num_inference_steps=4, guidance_scale=g)      # w-conditioned: one UNet call per step
@@ -47,7 +48,8 @@ r cos t sin t x_t - r sd dF^-`` (``r`` warms up from 0 to 1 over ``tangent_warmu
 learned adaptive weighting ``logvar`` (:class:`LogVarHead`, kept in the checkpoint only). The teacher may
 be guidance-distilled (:class:`~distill.models.GuidanceSD3Transformer2DModel`, as SANA-Sprint distils from a
 guidance-embedded teacher): its velocity at ``g`` is one call instead of two, and the student starts as an
-exact copy that keeps the g input and the teacher's ``default_guidance_scale`` (:attr:`SCMTrainer.teacher_takes_g`).
+exact copy that keeps the g input and the teacher's ``default_guidance_scale``
+(:attr:`~distill.common.DistillTrainer.teacher_takes_guidance`).
 
 *Attention backend for the JVP*: PyTorch's fused SDPA kernels have no forward-mode AD (torch 2.x raises
 ``NotImplementedError`` for ``_scaled_dot_product_flash_attention_for_cpu``; the CUDA flash/efficient/cuDNN
@@ -106,7 +108,7 @@ from .common import (
     pseudo_huber,
     setup_cli_logging,
 )
-from .models import GuidanceSD3Transformer2DModel, sd3_with_guidance_input, unet_with_guidance_input
+from .models import sd3_with_guidance_input, unet_with_guidance_input
 
 __all__ = [
     "LCMConfig", "SCMConfig", "LCMTrainer", "SCMTrainer", "distill_consistency", "lcm_boundary_scalings",
@@ -313,7 +315,7 @@ class LCMTrainer(DistillTrainer):
         if isinstance(fam, FlowFamily):
             raise _method_error("LCM", fam, "it is a flow-matching model (velocity prediction); LCM here needs an "
                                 "epsilon or v-prediction UNet. Use sCM: `python -m distill.consistency --method scm`")
-        if self.teacher_takes_w and not self.cfg.guidance_embed:
+        if self.teacher_takes_guidance and not self.cfg.guidance_embed:
             raise _method_error("LCM", fam, "its UNet already takes the guidance weight (time_cond_proj_dim, a "
                                 "guidance-distilled teacher), so the student keeps that input: drop "
                                 "--no-guidance-embed (guidance_embed=False)")
@@ -322,19 +324,13 @@ class LCMTrainer(DistillTrainer):
             raise ValueError(f"num_ddim_timesteps={self.cfg.num_ddim_timesteps} must divide the teacher's "
                              f"num_train_timesteps={T}")
 
-    @property
-    def teacher_takes_w(self) -> bool:
-        """The teacher is guidance-distilled (``distill.guidance``): one call at ``g`` gives its guided
-        prediction, and the student starts from it with its trained guidance input."""
-        return self.family.model.config.time_cond_proj_dim is not None
-
     def build_student(self) -> torch.nn.Module:
         import copy
 
         m = self.teacher_model
         if self.cfg.init_student:
             return self._load_init_student()
-        if self.cfg.guidance_embed and not self.teacher_takes_w:  # a GD teacher keeps its own trained w input
+        if self.cfg.guidance_embed and not self.teacher_takes_guidance:  # a GD teacher keeps its own trained w input
             return unet_with_guidance_input(m, self.cfg.guidance_embed_dim)
         return copy.deepcopy(m)
 
@@ -361,7 +357,7 @@ class LCMTrainer(DistillTrainer):
         return unet.to(self.device, self.teacher_model.dtype)
 
     def new_layer_prefixes(self) -> tuple[str, ...]:
-        if self.teacher_takes_w or self.cfg.init_student:
+        if self.teacher_takes_guidance or self.cfg.init_student:
             return ()
         return ("time_embedding.cond_proj",) if self.cfg.guidance_embed else ()
 
@@ -369,7 +365,7 @@ class LCMTrainer(DistillTrainer):
         """The teacher's guided ``(x0, eps)`` at ``(x_t, t)``: CFG ``u + g (c - u)`` from two calls, or one
         call of a guidance-distilled teacher at ``g``."""
         fam: UNetFamily = self.family  # type: ignore[assignment]
-        if self.teacher_takes_w:
+        if self.teacher_takes_guidance:
             return fam.x0_eps(fam.predict(self.teacher_model, x_t, t, cond, guidance=g).float(), x_t, t)
         b = x_t.shape[0]
         both = fam.predict(self.teacher_model, torch.cat([x_t, x_t]), torch.cat([t, t]),
@@ -522,21 +518,14 @@ class SCMTrainer(DistillTrainer):
                                 "teacher. Use LCM: `python -m distill.consistency --method lcm`")
 
     @property
-    def teacher_takes_g(self) -> bool:
-        """The teacher is guidance-distilled (``distill.guidance``): one call at ``g`` gives its guided
-        velocity, and the student starts as a copy of it with its trained guidance input (SANA-Sprint also
-        distils from a guidance-embedded teacher)."""
-        return isinstance(self.family.model, GuidanceSD3Transformer2DModel)
-
-    @property
     def student_takes_g(self) -> bool:
-        return self.cfg.guidance_embed or self.teacher_takes_g
+        return self.cfg.guidance_embed or self.teacher_takes_guidance
 
     @property
     def teacher_g(self) -> float:
         if self.cfg.guidance_scale is not None:
             return float(self.cfg.guidance_scale)
-        if self.teacher_takes_g:
+        if self.teacher_takes_guidance:
             return float(self.teacher_model.default_guidance_scale)
         if self.zoo_name is not None:
             from fastgen.zoo import DEFAULTS
@@ -547,7 +536,7 @@ class SCMTrainer(DistillTrainer):
     def build_student(self) -> torch.nn.Module:
         import copy
 
-        if self.teacher_takes_g:  # keeps the teacher's trained guidance input; its default g is the one baked in
+        if self.teacher_takes_guidance:  # keeps the teacher's trained guidance input; its default g is the one baked in
             student = copy.deepcopy(self.teacher_model)
             student.register_to_config(default_guidance_scale=self.teacher_g)
             student.default_guidance_scale = self.teacher_g
@@ -560,7 +549,7 @@ class SCMTrainer(DistillTrainer):
         return {"logvar": LogVarHead()}
 
     def new_layer_prefixes(self) -> tuple[str, ...]:
-        return ("guidance_proj",) if self.cfg.guidance_embed and not self.teacher_takes_g else ()
+        return ("guidance_proj",) if self.cfg.guidance_embed and not self.teacher_takes_guidance else ()
 
     def student_scheduler(self):
         return scm_scheduler(int(self.teacher.scheduler.config.get("num_train_timesteps", 1000)))
@@ -601,7 +590,7 @@ class SCMTrainer(DistillTrainer):
         x_t = cos * (sd * x0) + sin * z
         g_student = g if self.student_takes_g else None
         with torch.no_grad(), self.autocast():
-            if self.teacher_takes_g:
+            if self.teacher_takes_guidance:
                 v_fn = lambda xs, s: fam.predict(self.teacher_model, xs, s, cond, guidance=g).float()  # noqa: E731
             else:
                 v_fn = lambda xs, s: fam.cfg_predict(self.teacher_model, xs, s, cond, uncond, g).float()  # noqa: E731

@@ -155,13 +155,10 @@ class _GuidanceBase(DistillTrainer):
 
     def check_family(self) -> None:
         model = self.family.model
-        if isinstance(self.family, UNetFamily) and model.config.time_cond_proj_dim is not None \
-                and not isinstance(self, ProgressiveTrainer):
-            raise ValueError(f"the teacher's {type(model).__name__} already has a guidance input "
-                             f"(time_cond_proj_dim={model.config.time_cond_proj_dim}): it is guidance-distilled "
-                             "already; guidance distillation needs a CFG teacher")
-        if isinstance(model, GuidanceSD3Transformer2DModel) and not isinstance(self, ProgressiveTrainer):
-            raise ValueError("the teacher is a GuidanceSD3Transformer2DModel (guidance-distilled already); "
+        if self.teacher_takes_guidance and not isinstance(self, ProgressiveTrainer):
+            what = "a GuidanceSD3Transformer2DModel" if isinstance(model, GuidanceSD3Transformer2DModel) else \
+                f"a {type(model).__name__} with time_cond_proj_dim={model.config.time_cond_proj_dim}"
+            raise ValueError(f"the teacher is {what}: it already has a guidance input (guidance-distilled already); "
                              "guidance distillation needs a CFG teacher")
 
     @property

@@ -40,7 +40,7 @@ from diffusers import ModelMixin, SD3Transformer2DModel, UNet2DConditionModel  #
 from diffusers.configuration_utils import register_to_config
 
 __all__ = ["guidance_embedding", "unet_with_guidance_input", "GuidanceSD3Transformer2DModel",
-           "sd3_with_guidance_input", "DEFAULT_GUIDANCE_EMBED_DIM"]
+           "sd3_with_guidance_input", "has_guidance_input", "DEFAULT_GUIDANCE_EMBED_DIM"]
 
 #: Width of the sinusoidal guidance embedding (the LCM / diffusers scripts' ``--unet_time_cond_proj_dim``).
 DEFAULT_GUIDANCE_EMBED_DIM = 256
@@ -158,6 +158,15 @@ class GuidanceSD3Transformer2DModel(SD3Transformer2DModel):
         pooled = pooled_projections + self.guidance_pooled_offset(g_B).to(pooled_projections.dtype)
         return super().forward(hidden_states, encoder_hidden_states, pooled, timestep, *args,
                                joint_attention_kwargs=joint_attention_kwargs, **kwargs)
+
+
+def has_guidance_input(model: torch.nn.Module) -> bool:
+    """Whether the denoiser ``model`` takes the guidance weight as an input (it is guidance-distilled): a
+    UNet with ``time_cond_proj_dim`` or a :class:`GuidanceSD3Transformer2DModel`."""
+    if isinstance(model, GuidanceSD3Transformer2DModel):
+        return True
+    config = getattr(model, "config", None)
+    return config is not None and config.get("time_cond_proj_dim") is not None
 
 
 def sd3_with_guidance_input(transformer: SD3Transformer2DModel, dim: int = DEFAULT_GUIDANCE_EMBED_DIM,

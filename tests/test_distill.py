@@ -432,7 +432,7 @@ def test_lcm_from_guidance_distilled_teacher_one_teacher_call_and_keeps_its_w_in
     gd.run(final_eval=False)
     gd_pipe = DiffusionPipeline.from_pretrained(tmp_path / "gd" / "pipeline")
     tr = LCMTrainer(gd_pipe, LCMConfig(**{**FAST, "steps": 2}), tmp_path / "lcm", zoo_name="shapes-unet")
-    assert tr.teacher_takes_w and tr.new_layer_prefixes() == ()
+    assert tr.teacher_takes_guidance and tr.new_layer_prefixes() == ()
     x, t, cond = _inputs(tr)
     g = torch.tensor([2.0, 5.0, 9.0])
     calls = _count_calls(tr.teacher_model)
@@ -461,7 +461,7 @@ def test_lcm_init_student_from_a_guidance_student_keeps_cfg_targets(unet_teacher
     gd.run(final_eval=False)
     cfg = LCMConfig(**{**FAST, "steps": 1, "init_student": str(tmp_path / "gd" / "pipeline")})
     tr = LCMTrainer(unet_teacher, cfg, tmp_path / "lcm", zoo_name="shapes-unet")
-    assert not tr.teacher_takes_w and tr.new_layer_prefixes() == ()
+    assert not tr.teacher_takes_guidance and tr.new_layer_prefixes() == ()
     want = gd.export_pipeline().unet.state_dict()
     for k, v in tr.student.state_dict().items():
         torch.testing.assert_close(v, want[k], atol=0, rtol=0)
@@ -637,7 +637,7 @@ def test_scm_from_guidance_distilled_teacher_one_teacher_call_and_keeps_its_g_in
     gd_pipe = DiffusionPipeline.from_pretrained(tmp_path / "gd" / "pipeline")
     gd_pipe.transformer.default_guidance_scale = 4.0
     tr = SCMTrainer(gd_pipe, SCMConfig(**{**FAST, "steps": 2}), tmp_path / "scm", zoo_name="shapes-mmdit")
-    assert tr.teacher_takes_g and tr.new_layer_prefixes() == () and tr.teacher_g == 4.0
+    assert tr.teacher_takes_guidance and tr.new_layer_prefixes() == () and tr.teacher_g == 4.0
     assert tr.pool.guidance == 1.0  # the teacher's own g guides the pool samples
     assert isinstance(tr.student, GuidanceSD3Transformer2DModel) and tr.student.default_guidance_scale == 4.0
     x, t, cond = _inputs(tr)
