@@ -228,6 +228,8 @@ def test_zoo_student_without_weights_names_the_distill_command(monkeypatch, tmp_
     assert zoo.world_of("shapes-mmdit-gd") == "shapes-mmdit"
     with pytest.raises(zoo.WeightsNotFoundError, match="python -m distill.guidance --teacher shapes-mmdit"):
         zoo.load_default("shapes-mmdit-gd")
+    with pytest.raises(zoo.WeightsNotFoundError, match="--init-student runs/gd-unet/pipeline"):
+        zoo.load_default("shapes-unet-lcm")  # the two-stage LCM recipe is named
 
 
 @pytest.mark.parametrize("teacher", ["shapes-mmdit", "shapes-unet"], indirect=True)
@@ -475,6 +477,17 @@ def test_lcm_init_student_from_a_guidance_student_keeps_cfg_targets(unet_teacher
     plain = save_pipeline(unet_teacher, tmp_path / "plain")  # a UNet without the w input
     with pytest.raises(ValueError, match="time_cond_proj_dim=None.*needs 256"):
         LCMTrainer(unet_teacher, LCMConfig(**{**FAST, "init_student": str(plain)}), tmp_path / "x", zoo_name="shapes-unet")
+    with pytest.raises(FileNotFoundError, match="neither a pipeline folder with a unet/ nor a UNet folder"):
+        LCMTrainer(unet_teacher, LCMConfig(**{**FAST, "init_student": str(tmp_path / "nowhere")}), tmp_path / "x",
+                   zoo_name="shapes-unet")
+    from distill.models import unet_with_guidance_input
+    from fastgen.testing import tiny_pipeline
+
+    other = unet_with_guidance_input(tiny_pipeline("sd").unet)  # right w input, another architecture
+    other.save_pretrained(tmp_path / "other_unet")
+    with pytest.raises(ValueError, match="not the teacher's architecture"):
+        LCMTrainer(unet_teacher, LCMConfig(**{**FAST, "init_student": str(tmp_path / "other_unet")}), tmp_path / "x",
+                   zoo_name="shapes-unet")
 
 
 def test_phased_lcm_edges_training_and_saved_ddim_sampler_is_the_chain_of_phase_maps(unet_teacher, tmp_path):
