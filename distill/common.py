@@ -876,6 +876,8 @@ def add_common_args(ap, defaults: DistillConfig) -> None:
         helptext = (docs.get(f.name, "").replace("%", "%%") + " (default: %(default)s)").strip()
         if isinstance(default, bool):
             ap.add_argument(flag, dest=f.name, action=argparse_bool(), default=default, help=helptext)
+        elif isinstance(default, tuple) and "tuple[int" in str(f.type):
+            ap.add_argument(flag, dest=f.name, type=int, nargs="*", default=default, help=helptext)
         elif isinstance(default, tuple):
             ap.add_argument(flag, dest=f.name, type=float, nargs=len(default), default=default, help=helptext)
         else:

@@ -671,6 +671,63 @@ def test_scm_from_guidance_distilled_teacher_one_teacher_call_and_keeps_its_g_in
     assert n[0] == 1
 
 
+def test_scm_ladd_term_trains_heads_on_frozen_teacher_features(mmdit_teacher, tmp_path):
+    """adv_weight > 0 adds LADD: the generator term reaches the student through the frozen teacher, the
+    heads get their own hinge step, the teacher does not move, and the checkpoint keeps the heads."""
+    cfg = SCMConfig(**{**FAST, "lr": 1e-3, "tangent_warmup": 1, "adv_weight": 0.5, "adv_lr": 1e-2,
+                       "adv_blocks": (0, -1)})
+    tr = SCMTrainer(mmdit_teacher, cfg, tmp_path, zoo_name="shapes-mmdit")
+    assert tr.adv_blocks == (0,) and list(tr.disc.keys()) == ["0"] and all(p not in set(tr.params) for p in tr.disc.parameters())
+    teacher0 = {k: v.clone() for k, v in tr.teacher_model.state_dict().items()}
+    heads0 = {k: v.clone() for k, v in tr.disc.state_dict().items()}
+    _fixed_batch(tr)
+    tr.train_step()
+    h = tr.history[-1]
+    assert math.isfinite(h["g_adv"]) and math.isfinite(h["d_loss"]) and h["d_loss"] > 0
+    assert any(not torch.equal(v, tr.disc.state_dict()[k]) for k, v in heads0.items())
+    assert all(torch.equal(v, tr.teacher_model.state_dict()[k]) for k, v in teacher0.items())
+    # the generator term alone has a gradient on the student's weights (through the teacher's features)
+    tr.student.zero_grad(set_to_none=True)
+    x0, cond, _ = tr.pool.batch(0, 2, torch.Generator().manual_seed(0))
+    x_t = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1)) * 0.5
+    t = torch.full((2,), 1.4)
+    F = tr.trig_F(tr.student, x_t / 0.5, t, cond, None)
+    tr.adversarial_g_loss(trigflow_consistency(x_t, t, F) / 0.5, x0, cond, None,
+                          torch.Generator().manual_seed(2)).backward()
+    grads = [p.grad for p in tr.student.parameters() if p.grad is not None]
+    assert grads and sum(float(g.abs().sum()) for g in grads) > 0
+    assert all(p.grad is None for p in tr.teacher_model.parameters())
+    # the heads learn to tell the teacher's samples from the student's on a fixed batch
+    d = [tr.history[-1]["d_loss"]]
+    for _ in range(4):
+        tr.train_step()
+        d.append(tr.history[-1]["d_loss"])
+    assert d[-1] < d[0], d
+    tr.save_checkpoint()
+    assert "disc" in torch.load(tr.checkpoint_path, weights_only=False)["extra"]
+    with pytest.raises(ValueError, match="adv_blocks"):
+        SCMTrainer(mmdit_teacher, SCMConfig(**{**FAST, "adv_weight": 0.5, "adv_blocks": (0, 1)}), tmp_path / "x",
+                   zoo_name="shapes-mmdit")
+
+
+def test_scm_init_student_starts_from_a_saved_student(mmdit_teacher, unet_teacher, tmp_path):
+    first = SCMTrainer(mmdit_teacher, SCMConfig(**{**FAST, "steps": 2, "lr": 1e-3}), tmp_path / "a",
+                       zoo_name="shapes-mmdit")
+    first.run(final_eval=False)
+    saved = first.export_model().state_dict()
+    tr = SCMTrainer(mmdit_teacher, SCMConfig(**{**FAST, "init_student": str(tmp_path / "a" / "pipeline")}),
+                    tmp_path / "b", zoo_name="shapes-mmdit")
+    assert tr.new_layer_prefixes() == ()
+    assert all(torch.equal(v, tr.student.state_dict()[k]) for k, v in saved.items())
+    assert any(not torch.equal(v, tr.teacher_model.state_dict()[k]) for k, v in saved.items())
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        SCMTrainer(mmdit_teacher, SCMConfig(**{**FAST, "init_student": str(tmp_path / "nothing")}), tmp_path / "c",
+                   zoo_name="shapes-mmdit")
+    with pytest.raises(ValueError, match="architecture"):  # a g-input student where this run makes a plain one
+        SCMTrainer(mmdit_teacher, SCMConfig(**{**FAST, "init_student": str(tmp_path / "a" / "pipeline"),
+                                               "guidance_embed": True}), tmp_path / "d", zoo_name="shapes-mmdit")
+
+
 def test_scm_choose_mid_t_picks_a_candidate_on_calibration_prompts(mmdit_teacher, tmp_path):
     from distill.consistency import choose_mid_t, distill_consistency
 
@@ -708,7 +765,7 @@ def test_teacher_pool_is_deterministic_and_independent_of_chunking(mmdit_teacher
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["guidance", "lcm", "scm"])
+@pytest.mark.parametrize("method", ["guidance", "lcm", "scm", "scm-ladd"])
 def test_kill_resume_gives_identical_loss_curve(method, unet_teacher, mmdit_teacher, tmp_path):
     make = {
         "guidance": lambda out: GuidanceTrainer(unet_teacher, GuidanceConfig(**{**FAST, "lr": 1e-3, "pool_refresh": 2}),
@@ -717,6 +774,9 @@ def test_kill_resume_gives_identical_loss_curve(method, unet_teacher, mmdit_teac
                                       zoo_name="shapes-unet"),
         "scm": lambda out: SCMTrainer(mmdit_teacher, SCMConfig(**{**FAST, "lr": 1e-3, "pool_refresh": 2,
                                                                   "tangent_warmup": 3}), out, zoo_name="shapes-mmdit"),
+        "scm-ladd": lambda out: SCMTrainer(mmdit_teacher, SCMConfig(**{**FAST, "lr": 1e-3, "pool_refresh": 2,
+                                                                       "adv_weight": 0.5, "adv_lr": 1e-2}),
+                                           out, zoo_name="shapes-mmdit"),
     }[method]
     straight = make(tmp_path / "a")
     straight.run(steps=4, save=False, final_eval=False)
@@ -729,6 +789,10 @@ def test_kill_resume_gives_identical_loss_curve(method, unet_teacher, mmdit_teac
     assert [h["loss"] for h in second.history] == [h["loss"] for h in straight.history]
     for (n, a), (_, b) in zip(sorted(second.student.state_dict().items()), sorted(straight.student.state_dict().items())):
         assert torch.equal(a, b), n
+    if method == "scm-ladd":  # the discriminator heads and their optimiser resume too
+        assert [h["d_loss"] for h in second.history] == [h["d_loss"] for h in straight.history]
+        for n, a in straight.disc.state_dict().items():
+            assert torch.equal(a, second.disc.state_dict()[n]), n
 
 
 def test_resume_refuses_changed_settings(unet_teacher, tmp_path):
