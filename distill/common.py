@@ -823,7 +823,8 @@ class DistillTrainer(Resumable):
                 bar.set_postfix(loss=f"{loss:.4g}")
                 if cfg.log_every and self.step % cfg.log_every == 0:
                     recent = self.history[-cfg.log_every:]
-                    self._log_row({"step": self.step, "loss": sum(h["loss"] for h in recent) / len(recent),
+                    keys = [k for k in recent[-1] if k != "step" and all(k in h for h in recent)]
+                    self._log_row({"step": self.step, **{k: sum(h[k] for h in recent) / len(recent) for k in keys},
                                    "minutes": round(self.elapsed / 60, 2)})
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < total:
                     pipe = self.export_pipeline()
