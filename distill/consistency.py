@@ -51,6 +51,16 @@ guidance-embedded teacher): its velocity at ``g`` is one call instead of two, an
 exact copy that keeps the g input and the teacher's ``default_guidance_scale``
 (:attr:`~distill.common.DistillTrainer.teacher_takes_guidance`).
 
+*Adversarial term* (``adv_weight > 0``; SANA-Sprint's LADD, Sauer et al., arXiv 2403.12015): the frozen
+teacher is the discriminator's feature network. Each step the student also makes one-step outputs
+``x0_hat`` from ``x_t`` at ``t ~ U[adv_t_min, pi/2]`` (the 1-2-step sampling regime), both ``x0_hat`` and the
+pool's teacher samples (same prompts) are re-noised to one flow sigma ``sigmoid(N(adv_logit_mean, 1))``
+with the same noise, and the teacher's image tokens after ``adv_blocks`` feed small trainable heads
+(:class:`DiscriminatorHead`). The student adds ``adv_weight * -mean D(fake)`` (gradients through the frozen
+teacher) to the sCM loss; the heads take a hinge step of their own optimiser on the detached fake and the
+real features. The heads and their optimiser are in the checkpoint (exact resume). ``init_student`` starts
+from a saved student (e.g. fine-tune a trained sCM student with the adversarial term).
+
 *Attention backend for the JVP*: PyTorch's fused SDPA kernels have no forward-mode AD (torch 2.x raises
 ``NotImplementedError`` for ``_scaled_dot_product_flash_attention_for_cpu``; the CUDA flash/efficient/cuDNN
 kernels likewise); the math backend is plain differentiable ops and supports it. The JVP therefore runs
@@ -508,6 +518,13 @@ class SCMConfig(DistillConfig):
     sigma 0.78). Later is noisier; :func:`choose_mid_t` picks it on calibration prompts (shapes-mmdit:
     1.496, sigma 0.93). Range 1.0-1.5."""
 
+    phased: bool = False
+    """Two-phase (multistep) sCM, for 2-step students (Heek et al., "Multistep Consistency Models", arXiv
+    2403.06807; phased consistency, Wang et al. 2024): times above ``mid_t`` map along the teacher's ODE to
+    ``mid_t`` (the consistency function is the TrigFlow DDIM jump ``cos(t - mid_t) x_t - sin(t - mid_t) sd F``),
+    times below it to 0 as in plain sCM. Each map then covers part of the trajectory, and the 2-step call
+    (sigmas ``[1, sigma(mid_t)]``, flow-Euler) is exactly the chain of the two maps. ``mid_t`` becomes a
+    training setting (fixed on resume; :func:`choose_mid_t` is refused). Needs ``eval_steps=2``."""
     init_student: str | None = None
     """A pipeline folder (or its ``transformer`` folder) whose transformer starts the student, e.g. an sCM
     student of the same teacher to fine-tune with the adversarial term. None: a copy of the teacher."""
@@ -536,6 +553,8 @@ class SCMConfig(DistillConfig):
         super().check()
         if self.adv_weight < 0 or self.adv_lr <= 0:
             raise ValueError(f"need adv_weight >= 0 and adv_lr > 0, got {self.adv_weight}, {self.adv_lr}")
+        if self.phased and self.eval_steps != 2:
+            raise ValueError("phased sCM trains a 2-step student (its phase edge is mid_t): set eval_steps=2")
         if not 0.0 <= self.adv_t_min <= math.pi / 2:
             raise ValueError(f"adv_t_min is a TrigFlow time in [0, pi/2] radians, got {self.adv_t_min}")
         if not 0.0 < self.mid_t < math.pi / 2:
@@ -696,11 +715,15 @@ class SCMTrainer(DistillTrainer):
         return value
 
     def extra_state(self) -> dict[str, Any]:
-        if self.disc is None:
-            return {}
-        return {"disc": self.disc.state_dict(), "d_opt": self.d_opt.state_dict()}
+        state: dict[str, Any] = {"phase_t": float(self.cfg.mid_t)} if self.cfg.phased else {}
+        if self.disc is not None:
+            state.update(disc=self.disc.state_dict(), d_opt=self.d_opt.state_dict())
+        return state
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
+        if self.cfg.phased and state.get("phase_t") != float(self.cfg.mid_t):
+            raise ValueError(f"cannot resume: the checkpoint's phase edge mid_t is {state.get('phase_t')}, this run's "
+                             f"is {self.cfg.mid_t} (a phased student's mid_t is a training setting)")
         if self.disc is not None:
             if "disc" not in state:
                 raise ValueError("cannot resume: the checkpoint has no discriminator (it was made with adv_weight 0)")
@@ -741,6 +764,9 @@ class SCMTrainer(DistillTrainer):
         b = x0.shape[0]
         tau = cfg.p_mean + cfg.p_std * torch.randn(b, generator=gen)
         t = torch.atan(torch.exp(tau) / sd).clamp(cfg.t_min, math.pi / 2 - cfg.t_min).to(self.device)
+        if cfg.phased:  # each point's phase edge; a point within t_min above the edge moves just above it
+            edge = torch.where(t > cfg.mid_t, torch.full_like(t, cfg.mid_t), torch.zeros_like(t))
+            t = torch.maximum(t, edge + cfg.t_min)
         if cfg.guidance_embed:
             g = (cfg.g_min + (cfg.g_max - cfg.g_min) * torch.rand(b, generator=gen)).to(self.device)
         else:
@@ -756,18 +782,21 @@ class SCMTrainer(DistillTrainer):
             else:
                 v_fn = lambda xs, s: fam.cfg_predict(self.teacher_model, xs, s, cond, uncond, g).float()  # noqa: E731
             dxdt = sd * flow_to_trigflow(v_fn, x_t / sd, t)
-            v_x, v_t = cos * sin * dxdt / sd, (torch.cos(t) * torch.sin(t))
+            # phased: a point above mid_t maps to mid_t, f = cos(t - e) x_t - sin(t - e) sd F, so every trig
+            # factor of the tangent and of g is of t - e (e = 0: plain sCM)
+            cos_p, sin_p = (torch.cos(t - edge).view(sh), torch.sin(t - edge).view(sh)) if cfg.phased else (cos, sin)
+            v_x, v_t = cos_p * sin_p * dxdt / sd, (cos_p * sin_p).view(-1)
             with jvp_attention():
                 F_minus, dF = torch.func.jvp(lambda xu, tt: self.trig_F(self.student, xu, tt, cond, g_student).float(),
                                              (x_t / sd, t), (v_x, v_t))
             r = min(1.0, step / max(1, cfg.tangent_warmup))
-            grad = -(cos ** 2) * (sd * F_minus - dxdt) - r * (cos * sin * x_t + sd * dF)
+            grad = -(cos_p ** 2) * (sd * F_minus - dxdt) - r * (cos_p * sin_p * x_t + sd * dF)
             norm = grad.flatten(1).norm(dim=1).view(sh)
             grad = grad / (norm + cfg.tangent_norm_c)
         with self.autocast():
             F_theta = self.trig_F(self.student, x_t / sd, t, cond, g_student).float()
         logvar = self.aux["logvar"](t)
-        weight = 1.0 / (sd * torch.tan(t))
+        weight = 1.0 / (sd * torch.tan((t - edge).clamp(min=cfg.t_min) if cfg.phased else t))
         per = ((F_theta - F_minus - grad) ** 2).flatten(1).mean(1)
         loss = (weight * torch.exp(-logvar) * per + logvar).mean()
         logs = {"mse": float(per.detach().mean())}
@@ -811,6 +840,9 @@ def distill_consistency(teacher_pipe, method: str, cfg: DistillConfig | None = N
         raise TypeError(f"method {method!r} takes a {cfg_cls.__name__}, got {type(cfg).__name__}")
     if choose_mid_t_prompts and (method != "scm" or zoo_name is None or cfg.eval_steps != 2):
         raise ValueError("choosing the intermediate time needs method 'scm', a zoo teacher and eval_steps=2")
+    if choose_mid_t_prompts and cfg.phased:
+        raise ValueError("a phased sCM student's intermediate time is its training phase edge (mid_t); "
+                         "drop choose_mid_t / --choose-mid-t")
     tr = tr_cls(teacher_pipe, cfg, out, zoo_name=zoo_name, prompts=prompts, eval_fn=eval_fn)
     if resume:
         tr.resume()

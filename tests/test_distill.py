@@ -906,3 +906,18 @@ def test_every_method_runs_on_cuda_in_bf16(tmp_path):
         assert tr.device.type == "cuda"
         tr.run(final_eval=False)
         assert all(math.isfinite(h["loss"]) for h in tr.history)
+
+
+def test_cli_flags_parse_int_and_float_tuples():
+    import argparse
+
+    from distill.common import add_common_args, config_from_args
+
+    ap = argparse.ArgumentParser()
+    add_common_args(ap, SCMConfig())
+    args = ap.parse_args(["--teacher", "t", "--output", "o", "--adv-blocks", "1", "-1", "--betas", "0.8", "0.9",
+                          "--adv-weight", "0.5", "--init-student", "runs/x/pipeline"])
+    cfg = config_from_args(SCMConfig, args)
+    assert cfg.adv_blocks == (1, -1) and cfg.betas == (0.8, 0.9) and cfg.adv_weight == 0.5
+    assert cfg.init_student == "runs/x/pipeline"
+    assert config_from_args(SCMConfig, ap.parse_args(["--teacher", "t", "--output", "o"])).adv_blocks == ()
