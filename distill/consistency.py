@@ -123,8 +123,8 @@ from .models import GuidanceSD3Transformer2DModel, sd3_with_guidance_input, unet
 
 __all__ = [
     "LCMConfig", "SCMConfig", "LCMTrainer", "SCMTrainer", "distill_consistency", "lcm_boundary_scalings",
-    "flow_to_trigflow", "trigflow_to_flow_time", "trigflow_consistency", "jvp_attention", "LogVarHead",
-    "scm_call_kwargs", "scm_scheduler", "choose_mid_t", "MID_SIGMA_GRID", "SCM_MID_T", "main",
+    "flow_to_trigflow", "trigflow_to_flow_time", "trigflow_consistency", "scm_tangent", "jvp_attention", "LogVarHead",
+    "scm_call_kwargs", "scm_scheduler", "choose_mid_t", "MID_SIGMA_GRID", "SCM_MID_T", "DiscriminatorHead", "main",
 ]
 
 logger = get_logger(__name__)
@@ -168,6 +168,23 @@ def trigflow_consistency(x_t: torch.Tensor, t: torch.Tensor, F_out: torch.Tensor
     """sCM's consistency function ``f(x_t, t) = cos t x_t - sin t sd F`` (identity at ``t = 0``)."""
     sh = (-1,) + (1,) * (x_t.ndim - 1)
     return torch.cos(t).view(sh) * x_t - torch.sin(t).view(sh) * sigma_data * F_out
+
+
+def scm_tangent(F_fn, x_t: torch.Tensor, t: torch.Tensor, edge: torch.Tensor, dxdt: torch.Tensor,
+                sigma_data: float = 0.5, r: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(F^-, g)``: sCM's training direction for the consistency function ``f = cos(t - e) x_t -
+    sin(t - e) sd F(x_t / sd, t)`` that maps ``x_t`` to the ODE's point at ``e`` (``edge``; 0: plain sCM).
+
+    ``g = cos(t - e) df/dt`` along the PF-ODE (``dxdt``), i.e. ``-cos^2(t - e) (sd F^- - dx_t/dt) - r cos(t - e)
+    sin(t - e) (x_t + sd dF/dt)``, with ``dF/dt`` from one forward-mode JVP of ``F_fn(x_unit, t)`` along the
+    tangent ``cos(t - e) sin(t - e) (dx_t/dt / sd, 1)`` (under :func:`jvp_attention`); ``r`` ramps the
+    second term in (tangent warm-up). Un-normalised; no grad."""
+    sh = (-1,) + (1,) * (x_t.ndim - 1)
+    cos_p, sin_p = torch.cos(t - edge).view(sh), torch.sin(t - edge).view(sh)
+    sd = sigma_data
+    with torch.no_grad(), jvp_attention():
+        F_minus, dF = torch.func.jvp(F_fn, (x_t / sd, t), (cos_p * sin_p * dxdt / sd, (cos_p * sin_p).view(-1)))
+    return F_minus, -(cos_p ** 2) * (sd * F_minus - dxdt) - r * (cos_p * sin_p * x_t + sd * dF)
 
 
 @contextlib.contextmanager
@@ -531,8 +548,9 @@ class SCMConfig(DistillConfig):
     adv_weight: float = 0.0
     """Weight of SANA-Sprint's LADD adversarial term (Sauer et al., "Fast High-Resolution Image Synthesis
     with Latent Adversarial Diffusion Distillation", arXiv 2403.12015) added to the sCM loss. 0 (default): pure
-    sCM. SANA-Sprint: 0.5. Sharper one/two-step samples at one extra frozen-teacher forward+backward and one
-    teacher forward per step (about +60% step time). Range 0.1-1."""
+    sCM. SANA-Sprint: 0.5. Costs one more student forward/backward, a frozen-teacher forward/backward and a
+    teacher forward per step (about +80% step time). Range 0.1-1. On shapes-mmdit (2.3M parameters) it did
+    not raise the 2-step score and at 0.5 lowered it after 750 steps (README)."""
     adv_lr: float = 1e-3
     """AdamW lr of the discriminator heads (their own optimiser, beta1 = 0; hinge loss). At 1e-4 the heads
     of the 6-block shapes-mmdit did not separate teacher from student samples within 200 steps. Range
@@ -572,6 +590,29 @@ class SCMTrainer(DistillTrainer):
 
     method = "scm"
     cfg: SCMConfig
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        cfg = self.cfg
+        self.disc: torch.nn.ModuleDict | None = None
+        self.d_opt: torch.optim.Optimizer | None = None
+        self._adv_batch: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+        self.adv_blocks: tuple[int, ...] = ()
+        if cfg.adv_weight > 0:
+            n = len(self.teacher_model.transformer_blocks)
+            bad = [i for i in cfg.adv_blocks if not -n <= int(i) < n]
+            if bad:
+                raise ValueError(f"adv_blocks {bad} out of range: the teacher has {n} transformer blocks "
+                                 f"(0-{n - 1}, or -{n}..-1 from the end)")
+            picked = [int(i) % n for i in cfg.adv_blocks] or [n - 1 - k * max(1, n // 3) for k in range(min(3, n))]
+            self.adv_blocks = tuple(sorted(set(picked)))
+            dim = int(self.teacher_model.config.num_attention_heads * self.teacher_model.config.attention_head_dim)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.seed + 1)
+                self.disc = torch.nn.ModuleDict({str(i): DiscriminatorHead(dim) for i in self.adv_blocks})
+            self.disc.to(self.device)
+            # GAN-style momentum (beta1 = 0): the target moves with the student
+            self.d_opt = torch.optim.AdamW(self.disc.parameters(), lr=cfg.adv_lr, betas=(0.0, 0.99), weight_decay=0.0)
 
     def check_family(self) -> None:
         fam = self.family
@@ -646,29 +687,6 @@ class SCMTrainer(DistillTrainer):
         return {"logvar": LogVarHead()}
 
     # ---- LADD (adversarial term) ---------------------------------------------------------------------
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        cfg = self.cfg
-        self.disc: torch.nn.ModuleDict | None = None
-        self.d_opt: torch.optim.Optimizer | None = None
-        self._adv_batch: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
-        self.adv_blocks: tuple[int, ...] = ()
-        if cfg.adv_weight > 0:
-            n = len(self.teacher_model.transformer_blocks)
-            bad = [i for i in cfg.adv_blocks if not -n <= int(i) < n]
-            if bad:
-                raise ValueError(f"adv_blocks {bad} out of range: the teacher has {n} transformer blocks "
-                                 f"(0-{n - 1}, or -{n}..-1 from the end)")
-            picked = [int(i) % n for i in cfg.adv_blocks] or [n - 1 - k * max(1, n // 3) for k in range(min(3, n))]
-            self.adv_blocks = tuple(sorted(set(picked)))
-            dim = int(self.teacher_model.config.num_attention_heads * self.teacher_model.config.attention_head_dim)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(cfg.seed + 1)
-                self.disc = torch.nn.ModuleDict({str(i): DiscriminatorHead(dim) for i in self.adv_blocks})
-            self.disc.to(self.device)
-            # GAN-style momentum (beta1 = 0): the target moves with the student
-            self.d_opt = torch.optim.AdamW(self.disc.parameters(), lr=cfg.adv_lr, betas=(0.0, 0.99), weight_decay=0.0)
 
     def disc_features(self, x0: torch.Tensor, s: torch.Tensor, eps: torch.Tensor, cond, g) -> list[torch.Tensor]:
         """The frozen teacher's image tokens after each of ``adv_blocks`` for clean latents ``x0`` re-noised
@@ -782,15 +800,9 @@ class SCMTrainer(DistillTrainer):
             else:
                 v_fn = lambda xs, s: fam.cfg_predict(self.teacher_model, xs, s, cond, uncond, g).float()  # noqa: E731
             dxdt = sd * flow_to_trigflow(v_fn, x_t / sd, t)
-            # phased: a point above mid_t maps to mid_t, f = cos(t - e) x_t - sin(t - e) sd F, so every trig
-            # factor of the tangent and of g is of t - e (e = 0: plain sCM)
-            cos_p, sin_p = (torch.cos(t - edge).view(sh), torch.sin(t - edge).view(sh)) if cfg.phased else (cos, sin)
-            v_x, v_t = cos_p * sin_p * dxdt / sd, (cos_p * sin_p).view(-1)
-            with jvp_attention():
-                F_minus, dF = torch.func.jvp(lambda xu, tt: self.trig_F(self.student, xu, tt, cond, g_student).float(),
-                                             (x_t / sd, t), (v_x, v_t))
-            r = min(1.0, step / max(1, cfg.tangent_warmup))
-            grad = -(cos_p ** 2) * (sd * F_minus - dxdt) - r * (cos_p * sin_p * x_t + sd * dF)
+            e = edge if cfg.phased else torch.zeros_like(t)
+            F_minus, grad = scm_tangent(lambda xu, tt: self.trig_F(self.student, xu, tt, cond, g_student).float(),
+                                        x_t, t, e, dxdt, sd, r=min(1.0, step / max(1, cfg.tangent_warmup)))
             norm = grad.flatten(1).norm(dim=1).view(sh)
             grad = grad / (norm + cfg.tangent_norm_c)
         with self.autocast():

@@ -728,6 +728,52 @@ def test_scm_init_student_starts_from_a_saved_student(mmdit_teacher, unet_teache
                                                "guidance_embed": True}), tmp_path / "d", zoo_name="shapes-mmdit")
 
 
+@pytest.mark.parametrize("edge", [0.0, 0.5])
+def test_scm_tangent_is_cos_times_df_dt_along_the_ode(edge):
+    """g = cos(t - e) df/dt for f = cos(t - e) x_t - sin(t - e) sd F (plain sCM: e = 0; phased: e = the edge),
+    checked against central differences of f along the ODE direction."""
+    from distill.consistency import scm_tangent
+
+    g = torch.Generator().manual_seed(0)
+    shape = (2, 3, 4, 4)
+    a, b = torch.randn(shape[1:], generator=g, dtype=torch.float64), torch.randn(shape[1:], generator=g, dtype=torch.float64)
+    sh = (-1, 1, 1, 1)
+    F_fn = lambda xu, tt: torch.tanh(a * xu + b * tt.view(sh))  # noqa: E731  (a smooth stand-in for the student)
+    x_t = torch.randn(shape, generator=g, dtype=torch.float64)
+    dxdt = torch.randn(shape, generator=g, dtype=torch.float64)
+    t = torch.tensor([0.9, 1.2], dtype=torch.float64)
+    e = torch.full_like(t, edge)
+    sd = 0.5
+    F_minus, grad = scm_tangent(F_fn, x_t, t, e, dxdt, sd, r=1.0)
+    torch.testing.assert_close(F_minus, F_fn(x_t / sd, t))
+
+    def f(x, tt):
+        return torch.cos(tt - e).view(sh) * x - torch.sin(tt - e).view(sh) * sd * F_fn(x / sd, tt)
+
+    h = 1e-5
+    dfdt = (f(x_t + h * dxdt, t + h) - f(x_t - h * dxdt, t - h)) / (2 * h)
+    torch.testing.assert_close(grad, torch.cos(t - e).view(sh) * dfdt, atol=1e-7, rtol=1e-6)
+
+
+def test_scm_phased_two_step_student(mmdit_teacher, tmp_path):
+    from distill.consistency import distill_consistency
+
+    with pytest.raises(ValueError, match="eval_steps=2"):
+        SCMConfig(**{**FAST, "phased": True}).check()
+    cfg = SCMConfig(**{**FAST, "phased": True, "eval_steps": 2, "mid_t": 1.1, "lr": 1e-3, "tangent_warmup": 1,
+                       "steps": 2})
+    tr = SCMTrainer(mmdit_teacher, cfg, tmp_path / "a", zoo_name="shapes-mmdit")
+    tr.run(final_eval=False)
+    assert all(math.isfinite(h["loss"]) for h in tr.history)
+    s_mid = float(trigflow_to_flow_time(torch.tensor(1.1)))
+    assert abs(tr.call_kwargs()["sigmas"][1] - s_mid) < 1e-6  # the 2-step call passes through the phase edge
+    with pytest.raises(ValueError, match="phase edge"):  # mid_t is a training setting for a phased run
+        SCMTrainer(mmdit_teacher, SCMConfig(**{**vars(cfg), "mid_t": 1.2}), tmp_path / "a",
+                   zoo_name="shapes-mmdit").resume()
+    with pytest.raises(ValueError, match="phase edge"):
+        distill_consistency(mmdit_teacher, "scm", cfg, tmp_path / "b", zoo_name="shapes-mmdit", choose_mid_t_prompts=2)
+
+
 def test_scm_choose_mid_t_picks_a_candidate_on_calibration_prompts(mmdit_teacher, tmp_path):
     from distill.consistency import choose_mid_t, distill_consistency
 
