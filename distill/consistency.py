@@ -533,7 +533,7 @@ class SCMConfig(DistillConfig):
     mid_t: float = SCM_MID_T
     """TrigFlow time (radians) of the 2-step sampler's intermediate point (sCM / SANA-Sprint: 1.3, flow
     sigma 0.78). Later is noisier; :func:`choose_mid_t` picks it on calibration prompts (shapes-mmdit:
-    1.496, sigma 0.93). Range 1.0-1.5."""
+    1.496, sigma 0.93, for the plain-sCM stage; the shipped two-phase student's edge is 1.3). Range 1.0-1.5."""
 
     phased: bool = False
     """Two-phase (multistep) sCM, for 2-step students (Heek et al., "Multistep Consistency Models", arXiv
@@ -549,7 +549,7 @@ class SCMConfig(DistillConfig):
     """Weight of SANA-Sprint's LADD adversarial term (Sauer et al., "Fast High-Resolution Image Synthesis
     with Latent Adversarial Diffusion Distillation", arXiv 2403.12015) added to the sCM loss. 0 (default): pure
     sCM. SANA-Sprint: 0.5. Costs one more student forward/backward, a frozen-teacher forward/backward and a
-    teacher forward per step (about +80% step time). Range 0.1-1. On shapes-mmdit (2.3M parameters) it did
+    teacher forward per step (about +80% step time). Range 0.1-1. On shapes-mmdit (3.5M parameters) it did
     not raise the 2-step score and at 0.5 lowered it after 750 steps (README)."""
     adv_lr: float = 1e-3
     """AdamW lr of the discriminator heads (their own optimiser, beta1 = 0; hinge loss). At 1e-4 the heads

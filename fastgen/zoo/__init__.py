@@ -52,11 +52,11 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     # joint_attention_kwargs={"guidance_scale": g})
     "shapes-mmdit-gd": {"num_inference_steps": 28, "guidance_scale": 1.0, "student_guidance_scale": 5.0,
                         "sampler": "flow-euler (shift 1.0)", "height": 32, "width": 32, "max_sequence_length": 2},
-    # sCM consistency student: 2 transformer calls per image (sigmas 1 -> 0.93 -> 0, no CFG batch; 0.93 chosen
-    # on calibration prompts, distill.consistency.choose_mid_t); 1 step: num_inference_steps=1 without sigmas
-    "shapes-mmdit-scm": {"num_inference_steps": 2, "guidance_scale": 1.0, "sigmas": [1.0, 0.93],
-                         "sampler": "sCM 2-step (flow-Euler shift 1 through sigma 0.93)", "height": 32, "width": 32,
-                         "max_sequence_length": 2},
+    # sCM consistency student, two-phase: 2 transformer calls per image (sigmas 1 -> 0.7827 -> 0, no CFG batch;
+    # 0.7827 = sigma of TrigFlow t = 1.3, its training phase edge); 1 step: num_inference_steps=1 without sigmas
+    "shapes-mmdit-scm": {"num_inference_steps": 2, "guidance_scale": 1.0, "sigmas": [1.0, 0.782708009805053],
+                         "sampler": "two-phase sCM (flow-Euler shift 1 through sigma 0.7827)", "height": 32,
+                         "width": 32, "max_sequence_length": 2},
     # LCM consistency student of shapes-unet (w-conditioned: guidance_scale feeds its w input through
     # time_cond_proj_dim, so the pipeline runs no CFG batch): 4 LCMScheduler steps, one UNet call each
     "shapes-unet-lcm": {"num_inference_steps": 4, "guidance_scale": 5.0, "sampler": "lcm (10-point grid)",
@@ -67,7 +67,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 _STUDENT_RECIPES: dict[str, str] = {
     "shapes-mmdit-scm": "python -m distill.consistency --method scm --teacher shapes-mmdit --output runs/scm-mmdit "
                         "--steps 5000 --batch 32 --lr 5e-5 --warmup 100 --eval-every 500 --eval-steps 2 "
-                        "--tangent-warmup 500 --choose-mid-t 500",
+                        "--tangent-warmup 500 --choose-mid-t 500 && python -m distill.consistency --method scm "
+                        "--teacher shapes-mmdit --init-student runs/scm-mmdit/pipeline --output runs/scm-phased "
+                        "--steps 1750 --batch 32 --lr 5e-5 --warmup 50 --eval-every 250 --eval-steps 2 "
+                        "--tangent-warmup 1 --mid-t 1.3 --phased",
     "shapes-unet-lcm": "python -m distill.guidance --teacher shapes-unet --output runs/gd-unet --steps 1000 --batch 32 "
                        "--lr 5e-5 --warmup 100 --eval-every 500 --eval-steps 8 && python -m distill.consistency "
                        "--method lcm --teacher shapes-unet --init-student runs/gd-unet/pipeline --output runs/lcm-unet "
