@@ -445,6 +445,25 @@ def fused_copy(model: torch.nn.Module) -> torch.nn.Module:
     return m.requires_grad_(False).eval()
 
 
+def init_student_folder(path: str | os.PathLike, subfolder: str, what: str) -> Path:
+    """The model folder that ``init_student=path`` names: ``path/subfolder`` of a pipeline folder, or
+    ``path`` itself; ``FileNotFoundError`` when neither has a ``config.json``."""
+    path = Path(path)
+    folder = path / subfolder if (path / subfolder / "config.json").exists() else path
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"init_student={str(path)!r} is neither a pipeline folder with a {subfolder}/ nor a "
+                                f"{what} folder (no config.json)")
+    return folder
+
+
+def shape_differences(ref: torch.nn.Module, got: torch.nn.Module, skip_prefix: str | None = None) -> list:
+    """Up to three ``(name, shape)`` entries in which the state dicts of ``ref`` and ``got`` differ (``got``'s
+    keys starting with ``skip_prefix`` left out); empty when the architectures match."""
+    a = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    b = {k: tuple(v.shape) for k, v in got.state_dict().items() if not (skip_prefix and k.startswith(skip_prefix))}
+    return sorted(set(a.items()) ^ set(b.items()))[:3]
+
+
 def student_pipeline(teacher_pipe, model: torch.nn.Module, scheduler=None):
     """A pipeline of the teacher's class sharing its text encoders/VAE, with ``model`` as denoiser."""
     fam = family_for(teacher_pipe)

@@ -115,9 +115,11 @@ from .common import (
     check_fresh_or_resume,
     config_from_args,
     family_for,
+    init_student_folder,
     load_teacher,
     pseudo_huber,
     setup_cli_logging,
+    shape_differences,
 )
 from .models import GuidanceSD3Transformer2DModel, sd3_with_guidance_input, unet_with_guidance_input
 
@@ -381,21 +383,14 @@ class LCMTrainer(DistillTrainer):
         """The UNet of ``cfg.init_student``, checked against the teacher's architecture and the w input."""
         from diffusers import UNet2DConditionModel
 
-        path = Path(self.cfg.init_student)
-        folder = path / "unet" if (path / "unet" / "config.json").exists() else path
-        if not (folder / "config.json").exists():
-            raise FileNotFoundError(f"init_student={str(path)!r} is neither a pipeline folder with a unet/ nor a UNet "
-                                    "folder (no config.json)")
-        unet = UNet2DConditionModel.from_pretrained(folder)
+        unet = UNet2DConditionModel.from_pretrained(init_student_folder(self.cfg.init_student, "unet", "UNet"))
         want = self.cfg.guidance_embed_dim if self.cfg.guidance_embed else None
         have = unet.config.time_cond_proj_dim
         if have != want:
             raise ValueError(f"init_student's UNet has time_cond_proj_dim={have}, the student needs {want} "
                              "(guidance_embed/guidance_embed_dim); start from a distill.guidance student of this teacher")
-        ref = {k: tuple(v.shape) for k, v in self.teacher_model.state_dict().items()}
-        got = {k: tuple(v.shape) for k, v in unet.state_dict().items() if not k.startswith("time_embedding.cond_proj")}
-        if ref != got:
-            bad = sorted(set(ref.items()) ^ set(got.items()))[:3]
+        bad = shape_differences(self.teacher_model, unet, skip_prefix="time_embedding.cond_proj")
+        if bad:
             raise ValueError(f"init_student's UNet is not the teacher's architecture (first differences: {bad})")
         return unet.to(self.device, self.teacher_model.dtype)
 
@@ -659,11 +654,7 @@ class SCMTrainer(DistillTrainer):
         otherwise start from: same class and architecture)."""
         from diffusers import SD3Transformer2DModel
 
-        path = Path(self.cfg.init_student)
-        folder = path / "transformer" if (path / "transformer" / "config.json").exists() else path
-        if not (folder / "config.json").exists():
-            raise FileNotFoundError(f"init_student={str(path)!r} is neither a pipeline folder with a transformer/ "
-                                    "nor a transformer folder (no config.json)")
+        folder = init_student_folder(self.cfg.init_student, "transformer", "transformer")
         guided = isinstance(fresh, GuidanceSD3Transformer2DModel)
         saved_cls = json.loads((folder / "config.json").read_text()).get("_class_name")
         if saved_cls != type(fresh).__name__:
@@ -671,10 +662,8 @@ class SCMTrainer(DistillTrainer):
                              f"{type(fresh).__name__} (same architecture needed); start from an sCM student of this "
                              "teacher with the same guidance_embed setting")
         model = (GuidanceSD3Transformer2DModel if guided else SD3Transformer2DModel).from_pretrained(folder)
-        ref = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
-        got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        if ref != got:
-            bad = sorted(set(ref.items()) ^ set(got.items()))[:3]
+        bad = shape_differences(fresh, model)
+        if bad:
             raise ValueError(f"init_student's transformer is not this run's student architecture "
                              f"({type(fresh).__name__}; first differences: {bad}); start from an sCM student of "
                              "this teacher with the same guidance_embed setting")
@@ -782,8 +771,9 @@ class SCMTrainer(DistillTrainer):
         b = x0.shape[0]
         tau = cfg.p_mean + cfg.p_std * torch.randn(b, generator=gen)
         t = torch.atan(torch.exp(tau) / sd).clamp(cfg.t_min, math.pi / 2 - cfg.t_min).to(self.device)
-        if cfg.phased:  # each point's phase edge; a point within t_min above the edge moves just above it
-            edge = torch.where(t > cfg.mid_t, torch.full_like(t, cfg.mid_t), torch.zeros_like(t))
+        edge = torch.zeros_like(t)  # each point's phase edge: 0 (plain sCM), or mid_t for points above it
+        if cfg.phased:  # (a point within t_min above the edge moves just above it)
+            edge = torch.where(t > cfg.mid_t, torch.full_like(t, cfg.mid_t), edge)
             t = torch.maximum(t, edge + cfg.t_min)
         if cfg.guidance_embed:
             g = (cfg.g_min + (cfg.g_max - cfg.g_min) * torch.rand(b, generator=gen)).to(self.device)
@@ -800,15 +790,14 @@ class SCMTrainer(DistillTrainer):
             else:
                 v_fn = lambda xs, s: fam.cfg_predict(self.teacher_model, xs, s, cond, uncond, g).float()  # noqa: E731
             dxdt = sd * flow_to_trigflow(v_fn, x_t / sd, t)
-            e = edge if cfg.phased else torch.zeros_like(t)
             F_minus, grad = scm_tangent(lambda xu, tt: self.trig_F(self.student, xu, tt, cond, g_student).float(),
-                                        x_t, t, e, dxdt, sd, r=min(1.0, step / max(1, cfg.tangent_warmup)))
+                                        x_t, t, edge, dxdt, sd, r=min(1.0, step / max(1, cfg.tangent_warmup)))
             norm = grad.flatten(1).norm(dim=1).view(sh)
             grad = grad / (norm + cfg.tangent_norm_c)
         with self.autocast():
             F_theta = self.trig_F(self.student, x_t / sd, t, cond, g_student).float()
         logvar = self.aux["logvar"](t)
-        weight = 1.0 / (sd * torch.tan((t - edge).clamp(min=cfg.t_min) if cfg.phased else t))
+        weight = 1.0 / (sd * torch.tan((t - edge).clamp(min=cfg.t_min)))  # (t >= t_min already when edge = 0)
         per = ((F_theta - F_minus - grad) ** 2).flatten(1).mean(1)
         loss = (weight * torch.exp(-logvar) * per + logvar).mean()
         logs = {"mse": float(per.detach().mean())}
