@@ -708,6 +708,10 @@ def test_scm_ladd_term_trains_heads_on_frozen_teacher_features(mmdit_teacher, tm
     with pytest.raises(ValueError, match="adv_blocks"):
         SCMTrainer(mmdit_teacher, SCMConfig(**{**FAST, "adv_weight": 0.5, "adv_blocks": (0, 1)}), tmp_path / "x",
                    zoo_name="shapes-mmdit")
+    with pytest.raises(ValueError, match="adv_weight >= 0"):
+        SCMConfig(**{**FAST, "adv_weight": -0.1}).check()
+    with pytest.raises(ValueError, match="adv_t_min"):
+        SCMConfig(**{**FAST, "adv_weight": 0.5, "adv_t_min": 2.0}).check()
 
 
 def test_scm_init_student_starts_from_a_saved_student(mmdit_teacher, unet_teacher, tmp_path):
