@@ -70,7 +70,7 @@ _STUDENT_RECIPES: dict[str, str] = {
                         "--tangent-warmup 500 --choose-mid-t 500 && python -m distill.consistency --method scm "
                         "--teacher shapes-mmdit --init-student runs/scm-mmdit/pipeline --output runs/scm-phased "
                         "--steps 1750 --batch 32 --lr 5e-5 --warmup 50 --eval-every 250 --eval-steps 2 "
-                        "--tangent-warmup 1 --mid-t 1.3 --phased",
+                        "--tangent-warmup 1 --mid-t 1.3 --phased --pool-size 1024",
     "shapes-unet-lcm": "python -m distill.guidance --teacher shapes-unet --output runs/gd-unet --steps 1000 --batch 32 "
                        "--lr 5e-5 --warmup 100 --eval-every 500 --eval-steps 8 && python -m distill.consistency "
                        "--method lcm --teacher shapes-unet --init-student runs/gd-unet/pipeline --output runs/lcm-unet "
