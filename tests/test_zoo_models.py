@@ -365,9 +365,9 @@ def test_shipped_lcm_student_samples_in_four_single_calls():
                                         ("shapes-mmdit-scm", 0.55), ("shapes-unet-lcm", 0.6)])
 def test_shipped_weights_score(name, floor):
     """The shipped numbers: 200 held-out prompts at the default steps and guidance (the guidance-distilled
-    student: within 0.03 of its teacher's 0.61; the 2-step two-phase sCM student: 0.565 against its goal of 0.56, floored a little lower since one prompt
-    is 0.005 and thread counts can flip one; the
-    4-step LCM student: its goal, shapes-unet@50 0.650 - 0.05)."""
+    student: within 0.03 of its teacher's 0.61; the 2-step two-phase sCM student: 0.565 against its goal of
+    0.56, floored a little lower since one prompt is 0.005 and thread counts can flip one; the 4-step LCM
+    student: its goal, shapes-unet@50 0.650 - 0.05)."""
     if not (zoo.weights_path(name) / "model_index.json").exists():
         pytest.skip(f"{name} weights are not shipped yet")
     torch.set_num_threads(1)
