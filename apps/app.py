@@ -1,6 +1,6 @@
 """fastgen's comparison app: baseline vs accelerated, same prompt and seed, measured on the chosen target.
 
-``fastgen app`` (or ``python -m apps.app``) serves a Gradio page: pick a model (the zoo's trained
+``fastgen app`` (or ``python -m fastgen.apps.app``) serves a Gradio page: pick a model (the zoo's trained
 defaults, a tiny pipeline of any family, or a local diffusers folder / hub id typed in), a prompt (a class
 name for class-conditional models), seed, steps, CFG, a baseline recipe and an accelerated recipe, and a
 target. It shows both images side by side, latency, paired speedup, peak memory, same-seed PSNR/SSIM, the
@@ -775,7 +775,7 @@ def launch_kwargs(demo) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m apps.app [--model M] [--host H] [--port P] [--share yes|no]`` (same as ``fastgen app``)."""
+    """``python -m fastgen.apps.app [--model M] [--host H] [--port P] [--share yes|no]`` (same as ``fastgen app``)."""
     import sys
 
     from fastgen.cli import main as cli_main

@@ -9,8 +9,8 @@
 * :mod:`distill.models`: the guidance-conditioned SD3 student class (imported here so that saved
   students load with ``DiffusionPipeline.from_pretrained`` after ``import distill``).
 
-CLI: ``python -m distill.guidance --teacher shapes-unet --output runs/gd`` and
-``python -m distill.consistency --method lcm|scm --teacher ... --output ...`` (also under
+CLI: ``python -m fastgen.distill.guidance --teacher shapes-unet --output runs/gd`` and
+``python -m fastgen.distill.consistency --method lcm|scm --teacher ... --output ...`` (also under
 ``accelerate launch -m``). See README "Distillation".
 """
 

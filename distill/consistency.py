@@ -81,13 +81,13 @@ the plain ``SD3Transformer2DModel`` class (every SD3 fastgen technique applies):
 (``guidance_scale=1``: the SD3 pipeline would batch CFG otherwise; the guidance is baked in, or, with
 ``guidance_embed=True``, passed as ``joint_attention_kwargs={"guidance_scale": g}``.)
 
-CLI (also ``accelerate launch -m distill.consistency ...``)::
+CLI (also ``accelerate launch -m fastgen.distill.consistency ...``)::
 
-    python -m distill.consistency --method lcm --teacher shapes-unet --output runs/lcm --steps 2000
-    python -m distill.consistency --method lcm --teacher runs/gd-unet/pipeline --output runs/lcm-gd  # GD teacher
-    python -m distill.consistency --method lcm --teacher shapes-unet --init-student runs/gd-unet/pipeline \
+    python -m fastgen.distill.consistency --method lcm --teacher shapes-unet --output runs/lcm --steps 2000
+    python -m fastgen.distill.consistency --method lcm --teacher runs/gd-unet/pipeline --output runs/lcm-gd  # GD teacher
+    python -m fastgen.distill.consistency --method lcm --teacher shapes-unet --init-student runs/gd-unet/pipeline \
         --phases 4 --num-ddim-timesteps 20 --output runs/pcm    # CFG targets, GD-initialised phased student
-    python -m distill.consistency --method scm --teacher shapes-mmdit --output runs/scm --steps 2000
+    python -m fastgen.distill.consistency --method scm --teacher shapes-mmdit --output runs/scm --steps 2000
 """
 
 from __future__ import annotations
@@ -359,7 +359,7 @@ class LCMTrainer(DistillTrainer):
         fam = self.family
         if isinstance(fam, FlowFamily):
             raise _method_error("LCM", fam, "it is a flow-matching model (velocity prediction); LCM here needs an "
-                                "epsilon or v-prediction UNet. Use sCM: `python -m distill.consistency --method scm`")
+                                "epsilon or v-prediction UNet. Use sCM: `python -m fastgen.distill.consistency --method scm`")
         if self.teacher_takes_guidance and not self.cfg.guidance_embed:
             raise _method_error("LCM", fam, "its UNet already takes the guidance weight (time_cond_proj_dim, a "
                                 "guidance-distilled teacher), so the student keeps that input: drop "
@@ -614,7 +614,7 @@ class SCMTrainer(DistillTrainer):
         if not isinstance(fam, FlowFamily):
             raise _method_error("sCM", fam, f"it is a {fam.prediction_type}-prediction diffusion UNet, not a "
                                 "flow-matching model; sCM's training-free TrigFlow conversion needs a rectified-flow "
-                                "teacher. Use LCM: `python -m distill.consistency --method lcm`")
+                                "teacher. Use LCM: `python -m fastgen.distill.consistency --method lcm`")
 
     @property
     def student_takes_g(self) -> bool:
@@ -825,7 +825,7 @@ def distill_consistency(teacher_pipe, method: str, cfg: DistillConfig | None = N
                         prompts: list[str] | None = None, resume: bool = False, eval_fn=None,
                         choose_mid_t_prompts: int = 0):
     """Consistency distillation (``method`` ``"lcm"`` or ``"scm"``) of ``teacher_pipe`` into ``out``
-    (Python API of ``python -m distill.consistency``).
+    (Python API of ``python -m fastgen.distill.consistency``).
 
     ``choose_mid_t_prompts`` (sCM, zoo teachers, 2-step students): after training, pick the intermediate
     time with :func:`choose_mid_t` on that many calibration prompts, then evaluate and save with it.
@@ -861,13 +861,13 @@ def distill_consistency(teacher_pipe, method: str, cfg: DistillConfig | None = N
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m distill.consistency --method lcm|scm --teacher T --output DIR [...]``."""
+    """``python -m fastgen.distill.consistency --method lcm|scm --teacher T --output DIR [...]``."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--method", choices=sorted(_METHODS), default=None)
     known, _ = pre.parse_known_args(argv)
     method = known.method or "lcm"
     cfg_cls = _METHODS[method][0]
-    ap = argparse.ArgumentParser(prog="python -m distill.consistency", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m fastgen.distill.consistency", description=__doc__.split("\n\n")[0])
     ap.add_argument("--method", choices=sorted(_METHODS), required=True,
                     help="lcm: epsilon/v UNets (SD, SDXL); scm: flow-matching MMDiTs (SD3)")
     add_common_args(ap, cfg_cls())

@@ -34,10 +34,10 @@ output space (MSE there). ``t`` runs over the student's inference grid (``DDIMSc
   ``joint_attention_kwargs`` entry the student uses its saved ``default_guidance_scale``.
   :func:`call_kwargs_for` returns the right dict for either.
 
-CLI (also ``accelerate launch -m distill.guidance ...``)::
+CLI (also ``accelerate launch -m fastgen.distill.guidance ...``)::
 
-    python -m distill.guidance --teacher shapes-unet --output runs/gd-unet --steps 2000 [--progressive-rounds 3]
-    python -m distill.guidance --teacher path/to/sd3 --prompts prompts.txt --output runs/gd-sd3 --resume
+    python -m fastgen.distill.guidance --teacher shapes-unet --output runs/gd-unet --steps 2000 [--progressive-rounds 3]
+    python -m fastgen.distill.guidance --teacher path/to/sd3 --prompts prompts.txt --output runs/gd-sd3 --resume
 """
 
 from __future__ import annotations
@@ -353,7 +353,7 @@ class ProgressiveTrainer(_GuidanceBase):
 
 def distill_guidance(teacher_pipe, cfg: GuidanceConfig, out: str | os.PathLike, *, zoo_name: str | None = None,
                      prompts: list[str] | None = None, resume: bool = False, eval_fn=None):
-    """Guidance distillation of ``teacher_pipe`` into ``out`` (Python API of ``python -m distill.guidance``).
+    """Guidance distillation of ``teacher_pipe`` into ``out`` (Python API of ``python -m fastgen.distill.guidance``).
 
     Stage 1 runs ``cfg.steps`` steps in ``out``; each of ``cfg.progressive_rounds`` halving rounds runs
     ``cfg.progressive_steps_per_round`` steps in ``out/round{r}`` (student ``start/2^r`` steps). The final
@@ -386,8 +386,8 @@ def distill_guidance(teacher_pipe, cfg: GuidanceConfig, out: str | os.PathLike, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m distill.guidance --teacher T --output DIR [...]`` (see ``--help``)."""
-    ap = argparse.ArgumentParser(prog="python -m distill.guidance", description=__doc__.split("\n\n")[0])
+    """``python -m fastgen.distill.guidance --teacher T --output DIR [...]`` (see ``--help``)."""
+    ap = argparse.ArgumentParser(prog="python -m fastgen.distill.guidance", description=__doc__.split("\n\n")[0])
     add_common_args(ap, GuidanceConfig())
     args = ap.parse_args(argv)
     setup_cli_logging(args.threads)

@@ -49,7 +49,7 @@ class GDConfig:
     """Which guidance-distilled student replaces the denoiser.
 
     Args:
-        student: folder of a student pipeline saved by ``python -m distill.guidance`` (its
+        student: folder of a student pipeline saved by ``python -m fastgen.distill.guidance`` (its
             ``pipeline/``), or a zoo student name (``"shapes-mmdit-gd"``). ``None`` (default): the zoo
             student of the zoo teacher the pipeline was loaded from. Speed: about 2x per step (one denoiser
             pass instead of CFG's two); quality: the student's (the README's distillation table).
@@ -75,7 +75,7 @@ def find_student(pipe, config: GDConfig) -> Path:
             path = Path(config.student).expanduser()
         if not (path / "model_index.json").exists():
             raise FastgenError(f"gd: {config.student!r} is not a student pipeline folder (no model_index.json "
-                               f"in {path}); pass the pipeline/ folder written by `python -m distill.guidance`")
+                               f"in {path}); pass the pipeline/ folder written by `python -m fastgen.distill.guidance`")
         return path
     here = _pipe_path(pipe)
     for student, teacher in zoo.STUDENTS.items():
@@ -87,7 +87,7 @@ def find_student(pipe, config: GDConfig) -> Path:
                 raise FastgenError(f"gd: the zoo student {student!r} of {teacher!r} is not installed ({path})")
             return path
     raise FastgenError("gd: this pipeline is not a zoo teacher with a shipped student; name the student: "
-                       "'gd:PATH' with PATH the pipeline/ folder of a `python -m distill.guidance` run")
+                       "'gd:PATH' with PATH the pipeline/ folder of a `python -m fastgen.distill.guidance` run")
 
 
 def _load_student(path: Path, attr: str, like: torch.nn.Module) -> torch.nn.Module:

@@ -268,7 +268,7 @@ def cmd_tune(args) -> int:
 def cmd_app(args) -> int:
     if importlib.util.find_spec("gradio") is None:
         raise FastgenError('the app needs gradio, which is not installed: pip install "fastgen[app]"')
-    from apps.app import launch  # the CLI is the front door; fastgen's library code never imports apps
+    from fastgen.apps.app import launch  # the CLI is the front door; fastgen's library code never imports apps
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -313,7 +313,7 @@ def cmd_export(args) -> int:
                                f"pip install 'fastgen[{extra}]'")
     if args.from_qalora and not os.path.exists(args.from_qalora):
         raise FastgenError(f"--from-qalora {args.from_qalora}: no such file")
-    import quant
+    from fastgen import quant
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     pipe = _load(args)
@@ -341,8 +341,8 @@ def _export_int8(pipe, args, kw: dict, check: bool):
     checked by running it on real int8 kernels (quant.to_int8 static, eager) against fp32 and fake quant."""
     import time
 
-    import quant
-    from quant.export import ExportReport, _errors
+    from fastgen import quant
+    from fastgen.quant.export import ExportReport, _errors
 
     inputs = quant.capture_denoiser_inputs(pipe, kw, index=1, steps=4)
     den = quant.get_denoiser(pipe)
@@ -359,7 +359,7 @@ def _export_int8(pipe, args, kw: dict, check: bool):
                            prompts=None if "class_labels" in kw else ["a red circle", "two blue squares",
                                                                       "a green triangle", "three yellow circles"],
                            num_inference_steps=8, **calib_kw)
-            notes.append(f"data-free W{args.bits}A8 PTQ (4 prompts, 8 steps); fine-tune with python -m quant.qalora "
+            notes.append(f"data-free W{args.bits}A8 PTQ (4 prompts, 8 steps); fine-tune with python -m fastgen.quant.qalora "
                          "for better accuracy")
         path = quant.save(pipe, args.out)
         rep = ExportReport(target="int8", path=str(path), bytes=os.path.getsize(path),
@@ -387,7 +387,7 @@ def _export_int8(pipe, args, kw: dict, check: bool):
             with quant.quant_mode(pipe, "fp"):
                 rep.torch_ms = med(lambda: den(**inputs))
             rep.notes.append("latency: int8 static eager (no compile) vs fp32 eager; compiled numbers: "
-                             "python -m quant.bench_int8")
+                             "python -m fastgen.quant.bench_int8")
     return rep
 
 

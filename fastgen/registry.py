@@ -26,7 +26,7 @@ __all__ = ["Technique", "register_technique", "get_technique", "list_techniques"
            "technique_for_config", "recipe_string", "PLUGIN_MODULES"]
 
 #: Modules that register techniques when imported (later capabilities add theirs here).
-PLUGIN_MODULES: list[str] = ["fastgen.steps", "fastgen.guidance", "samplers", "fastgen.caches.tome", "fastgen.caches.stepcache", "fastgen.caches.anchors", "fastgen.caches.ras", "quant.recipe", "fastgen.ar.accel", "distill.recipe", "quant.mobile", "samplers.schedule", "samplers.skip_tuning"]
+PLUGIN_MODULES: list[str] = ["fastgen.steps", "fastgen.guidance", "fastgen.samplers", "fastgen.caches.tome", "fastgen.caches.stepcache", "fastgen.caches.anchors", "fastgen.caches.ras", "fastgen.quant.recipe", "fastgen.ar.accel", "fastgen.distill.recipe", "fastgen.quant.mobile", "fastgen.samplers.schedule", "fastgen.samplers.skip_tuning"]
 
 _BASELINE = {"", "baseline", "none"}
 # '+' joins techniques only where a technique name follows ("dpm++2m" keeps its pluses)

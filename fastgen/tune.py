@@ -183,7 +183,7 @@ def _shipped_schedules(pipe, steps: int) -> list[str]:
     """``schedule:NAME`` for every shipped schedule tuned on ``pipe``'s zoo model with fewer than ``steps`` steps."""
     if pipe is None:
         return []
-    from samplers.schedule import schedules_for
+    from fastgen.samplers.schedule import schedules_for
 
     return [f"schedule:{name}" for name, n in schedules_for(pipe) if n < steps]
 

@@ -1,6 +1,6 @@
 """Per-denoiser-call latency of fp32 vs real int8 kernels (:func:`quant.to_int8`), measured in one process.
 
-    python -m quant.bench_int8 --model shapes-mmdit --model bench-sd3 --threads 1
+    python -m fastgen.quant.bench_int8 --model shapes-mmdit --model bench-sd3 --threads 1
 
 For each model: one real denoiser call's inputs are captured from the pipeline (batch 2: the CFG batch of
 one prompt), then these variants of the same denoiser are timed **interleaved** (A B C A B C …, after
@@ -81,8 +81,8 @@ def _timed(fn: Callable[[], Any]) -> float:
 def bench_model(name: str, *, repeats: int = 15, warmup: int = 2, variants: list[str] | None = None,
                 log: Callable[[str], None] = print) -> dict[str, Any]:
     """Time the variants on ``name``; returns ``{"model", "tokens", "rows": [...]}``."""
-    import quant
-    from quant.deploy import capture_denoiser_inputs, to_int8, weight_memory
+    from fastgen import quant
+    from fastgen.quant.deploy import capture_denoiser_inputs, to_int8, weight_memory
 
     pipe, kw, what = build(name)
     den = pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
@@ -101,7 +101,7 @@ def bench_model(name: str, *, repeats: int = 15, warmup: int = 2, variants: list
             models[v] = den
         elif v == "fp32+compile":
             m = copy.deepcopy(base)
-            from quant.deploy import _compile
+            from fastgen.quant.deploy import _compile
 
             _compile(m)
             models[v] = m
@@ -162,7 +162,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m quant.bench_int8", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m fastgen.quant.bench_int8", description=__doc__.split("\n")[0])
     p.add_argument("--model", action="append", help="shapes-mmdit (default), bench-sd3, tiny-sd3, ... (repeatable)")
     p.add_argument("--variant", action="append", help="subset of variants (repeatable; default: all)")
     p.add_argument("--repeats", type=int, default=15)

@@ -1,6 +1,6 @@
 """Same-seed PSNR and evaluator score of PTQ vs QALoRA against FP, from a ``quant.qalora`` run folder.
 
-``python -m quant.bench_ptq --run runs/q-w4a8 --bits w4a8 --n 64`` loads the zoo model, generates ``n``
+``python -m fastgen.quant.bench_ptq --run runs/q-w4a8 --bits w4a8 --n 64`` loads the zoo model, generates ``n``
 held-out prompts (seed ``i`` for prompt ``i``) three times -- FP; PTQ (the run's calibration, no LoRA);
 QALoRA (the run's ``quantized.safetensors``) -- and prints the PSNR of each quantized set against FP over
 all images and the evaluator's overall score of each.
@@ -19,7 +19,7 @@ __all__ = ["main"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m quant.bench_ptq", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m fastgen.quant.bench_ptq", description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", required=True, help="a quant.qalora run folder (calibration.pt, quantized.safetensors)")
     ap.add_argument("--bits", required=True, help="the run's recipe arguments, e.g. w4a8")
     ap.add_argument("--model", default="shapes-mmdit", help="zoo model the run quantized")

@@ -34,7 +34,7 @@ not touched.
 Example::
 
     from fastgen.testing import tiny_pipeline
-    import quant
+    from fastgen import quant
     pipe = tiny_pipeline("sd3")
     calib = quant.capture_calibration(pipe, ["a red circle", "two blue squares"], num_inference_steps=8)
     quant.apply_qalora(pipe, quant.QALoRAConfig(w_bits=4, a_bits=8, rank=8))
@@ -856,7 +856,7 @@ def qalora_summary(pipe_or_model) -> dict[str, Any] | None:
     }
 
 
-if __name__ == "__main__":  # python -m quant.qalora ... (the CLI lives in quant.trainer)
-    from quant.trainer import main as _main
+if __name__ == "__main__":  # python -m fastgen.quant.qalora ... (the CLI lives in quant.trainer)
+    from fastgen.quant.trainer import main as _main
 
     raise SystemExit(_main())

@@ -8,7 +8,7 @@
 * otherwise runs a short data-free calibration (:func:`quant.capture_calibration` on
   :data:`CALIBRATION_PROMPTS` prompts at :data:`CALIBRATION_STEPS` steps, before any timing) and applies
   plain PTQ with the config's bits (LoRA at zero). For the fine-tuned model run
-  ``python -m quant.qalora`` and load its file with :func:`quant.load`.
+  ``python -m fastgen.quant.qalora`` and load its file with :func:`quant.load`.
 
 Everything is fake quantization in float (accuracy, not speed); ``fastgen.remove`` restores the
 pipeline bit-exactly.

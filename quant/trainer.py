@@ -22,10 +22,10 @@ written atomically every ``ckpt_every`` steps; the draws of step ``k`` depend on
 calibration set is stored in ``OUT/calibration.pt``, so a resumed run reproduces the uninterrupted loss
 curve exactly.
 
-CLI (works under ``accelerate launch -m quant.qalora`` too, single process)::
+CLI (works under ``accelerate launch -m fastgen.quant.qalora`` too, single process)::
 
-    python -m quant.qalora --model shapes-mmdit --bits w4a8 --out runs/q-w4a8 --steps 400
-    python -m quant.qalora --model path/to/diffusers_folder --bits w8a8 --out DIR --prompt-file prompts.txt
+    python -m fastgen.quant.qalora --model shapes-mmdit --bits w4a8 --out runs/q-w4a8 --steps 400
+    python -m fastgen.quant.qalora --model path/to/diffusers_folder --bits w8a8 --out DIR --prompt-file prompts.txt
 """
 
 from __future__ import annotations
@@ -484,8 +484,8 @@ def _load_model(spec: str, device: torch.device):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m quant.qalora --model M --bits w4a8 --out DIR [...]`` (see ``--help``)."""
-    ap = argparse.ArgumentParser(prog="python -m quant.qalora",
+    """``python -m fastgen.quant.qalora --model M --bits w4a8 --out DIR [...]`` (see ``--help``)."""
+    ap = argparse.ArgumentParser(prog="python -m fastgen.quant.qalora",
                                  description="EfficientDM QALoRA: quantize a diffusers pipeline's denoiser and "
                                              "fine-tune it by distilling its FP self (data-free, prompts only).")
     ap.add_argument("--model", required=True, help="shapes-mmdit | shapes-unet | zoo-init:NAME | tiny:KIND | FOLDER")

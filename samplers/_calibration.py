@@ -8,7 +8,7 @@ def zoo_pipeline_and_prompts(model: str, sampler: str | None, n_prompts: int, th
     """``(pipe, prompts)``: the zoo ``model`` (with ``sampler`` set when given) and ``n_prompts`` calibration prompts."""
     import torch
 
-    import samplers
+    from fastgen import samplers
     from fastgen import zoo
     from fastgen.zoo import shapes
 

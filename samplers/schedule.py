@@ -22,7 +22,7 @@ scheduler does with the values, the tuned ones are the best found for that sched
 >>> sch.save("mmdit-euler8.json"); pipe(p, **Schedule.load("mmdit-euler8.json").call_kwargs())  # doctest: +SKIP
 >>> fastgen.accelerate(pipe, "schedule:shapes-mmdit-euler8")          # a shipped schedule  # doctest: +SKIP
 
-``python -m samplers.schedule shapes-mmdit --steps 8 --out mmdit-euler8.json --eval 200`` searches on the
+``python -m fastgen.samplers.schedule shapes-mmdit --steps 8 --out mmdit-euler8.json --eval 200`` searches on the
 zoo model and reports the evaluator's score of the default and the tuned schedule on held-out prompts.
 """
 
@@ -371,7 +371,7 @@ register_technique(Technique(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m samplers.schedule", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m fastgen.samplers.schedule", description=__doc__.split("\n\n")[0])
     p.add_argument("model", help="a zoo model (shapes-mmdit, shapes-unet)")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--sampler", default=None, help="a samplers.list() name to tune (default: the model's own)")

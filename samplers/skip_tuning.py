@@ -202,12 +202,12 @@ register_technique(Technique(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m samplers.skip_tuning shapes-unet --steps 8 [--sampler ddim] [--prompts 32] [--eval 200]``: search the
+    """``python -m fastgen.samplers.skip_tuning shapes-unet --steps 8 [--sampler ddim] [--prompts 32] [--eval 200]``: search the
     scales on calibration prompts with the zoo evaluator, then score no-op vs best on held-out prompts."""
     import argparse
     import json
 
-    p = argparse.ArgumentParser(prog="python -m samplers.skip_tuning", description=main.__doc__)
+    p = argparse.ArgumentParser(prog="python -m fastgen.samplers.skip_tuning", description=main.__doc__)
     p.add_argument("model", help="a UNet zoo model (shapes-unet)")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--sampler", default=None, help="a samplers.list() name (default: the model's own)")

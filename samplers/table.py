@@ -1,6 +1,6 @@
 """The samplers' quality table on a zoo model: evaluator score and same-seed PSNR against a many-step reference.
 
-``python -m samplers.table shapes-mmdit [--steps 4 6 8 12] [--reference 50] [--n 200] [--json F] [--markdown F]``
+``python -m fastgen.samplers.table shapes-mmdit [--steps 4 6 8 12] [--reference 50] [--n 200] [--json F] [--markdown F]``
 
 For every sampler of :func:`samplers.list` that can drive the model (the others are listed with the
 reason) and every step count, it generates ``n`` held-out prompts (image ``i`` seeded with ``i``, the
@@ -55,7 +55,7 @@ def _run(pipe, name: str, n: int, steps: int, recipe: str | None) -> tuple[dict[
 def sampler_table(name: str, steps: tuple[int, ...] = (4, 6, 8, 12), reference: int = 50, n: int = 200,
                   names: tuple[str, ...] | None = None, path: str | None = None) -> list[dict[str, Any]]:
     """Rows of the table (see the module docstring); ``names`` defaults to every registered sampler."""
-    import samplers
+    from fastgen import samplers
     from fastgen import zoo
     from fastgen.bench.metrics import psnr, ssim
     from fastgen.errors import FastgenError
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     from fastgen import zoo
     from fastgen.utils.logging import log_to_stderr_with_time
 
-    ap = argparse.ArgumentParser(prog="python -m samplers.table", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m fastgen.samplers.table", description=__doc__.split("\n\n")[0])
     ap.add_argument("model", choices=[m for m in zoo.MODELS if m not in zoo.AR_MODELS])
     ap.add_argument("--path", default=None, help="pipeline folder (default: the shipped weights)")
     ap.add_argument("--steps", type=int, nargs="+", default=[4, 6, 8, 12])

@@ -8,7 +8,7 @@ import fastgen
 from fastgen.errors import RecipeError, UnsupportedPipelineError
 from fastgen.registry import Technique, register_technique, _REGISTRY
 from fastgen.testing import default_call_kwargs, tiny_pipeline
-import samplers
+from fastgen import samplers
 
 
 def _run(pipe, steps=4):

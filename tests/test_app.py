@@ -10,7 +10,7 @@ import torch
 
 import fastgen
 import fastgen.bench
-from apps import app as A
+from fastgen.apps import app as A
 from fastgen.cli import main
 from fastgen.errors import RecipeError, UnsupportedPipelineError
 

@@ -35,7 +35,7 @@ from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 import fastgen  # noqa: E402
-from apps.app import PipelineCache, build_app, launch_kwargs  # noqa: E402
+from fastgen.apps.app import PipelineCache, build_app, launch_kwargs  # noqa: E402
 
 MODEL = "tiny-sd3"
 WAIT_S = 180

@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from distill.common import DistillTrainer, step_generator, student_pipeline
-from distill.consistency import (
+from fastgen.distill.common import DistillTrainer, step_generator, student_pipeline
+from fastgen.distill.consistency import (
     LCMConfig,
     LCMTrainer,
     SCMConfig,
@@ -22,8 +22,8 @@ from distill.consistency import (
     trigflow_consistency,
     trigflow_to_flow_time,
 )
-from distill.guidance import GuidanceConfig, GuidanceTrainer, ProgressiveTrainer, call_kwargs_for
-from distill.models import GuidanceSD3Transformer2DModel, guidance_embedding
+from fastgen.distill.guidance import GuidanceConfig, GuidanceTrainer, ProgressiveTrainer, call_kwargs_for
+from fastgen.distill.models import GuidanceSD3Transformer2DModel, guidance_embedding
 from fastgen.errors import UnsupportedPipelineError
 from fastgen.hooks import get_state
 
@@ -152,7 +152,7 @@ def test_guidance_training_reduces_loss_on_fixed_batch(teacher, tmp_path):
 
 @pytest.mark.parametrize("teacher", ["shapes-unet", "shapes-mmdit"], indirect=True)
 def test_saved_guidance_student_loads_and_calls_denoiser_once_per_step(teacher, tmp_path):
-    import distill  # noqa: F401  (the SD3 student class must be importable: it is, via distill.models)
+    from fastgen import distill  # noqa: F401  (the SD3 student class must be importable: it is, via distill.models)
     from diffusers import DiffusionPipeline
 
     cfg = GuidanceConfig(**{**FAST, "steps": 1, "lr": 1e-3, "ema_decay": 0.5})
@@ -204,7 +204,7 @@ def test_saved_sd3_guidance_student_goes_through_the_zoo_loader(mmdit_teacher, t
     from safetensors.torch import load_file, save_file
 
     from fastgen import zoo
-    from distill.models import GuidanceSD3Transformer2DModel
+    from fastgen.distill.models import GuidanceSD3Transformer2DModel
 
     tr = GuidanceTrainer(mmdit_teacher, GuidanceConfig(**FAST), tmp_path, zoo_name="shapes-mmdit")
     with torch.no_grad():
@@ -226,7 +226,7 @@ def test_zoo_student_without_weights_names_the_distill_command(monkeypatch, tmp_
 
     monkeypatch.setattr(zoo, "WEIGHTS_DIR", tmp_path)
     assert zoo.world_of("shapes-mmdit-gd") == "shapes-mmdit"
-    with pytest.raises(zoo.WeightsNotFoundError, match="python -m distill.guidance --teacher shapes-mmdit"):
+    with pytest.raises(zoo.WeightsNotFoundError, match="python -m fastgen.distill.guidance --teacher shapes-mmdit"):
         zoo.load_default("shapes-mmdit-gd")
     with pytest.raises(zoo.WeightsNotFoundError, match="--init-student runs/gd-unet/pipeline"):
         zoo.load_default("shapes-unet-lcm")  # the two-stage LCM recipe is named
@@ -480,7 +480,7 @@ def test_lcm_init_student_from_a_guidance_student_keeps_cfg_targets(unet_teacher
     with pytest.raises(FileNotFoundError, match="neither a pipeline folder with a unet/ nor a UNet folder"):
         LCMTrainer(unet_teacher, LCMConfig(**{**FAST, "init_student": str(tmp_path / "nowhere")}), tmp_path / "x",
                    zoo_name="shapes-unet")
-    from distill.models import unet_with_guidance_input
+    from fastgen.distill.models import unet_with_guidance_input
     from fastgen.testing import tiny_pipeline
 
     other = unet_with_guidance_input(tiny_pipeline("sd").unet)  # right w input, another architecture
@@ -642,7 +642,7 @@ def test_scm_from_guidance_distilled_teacher_one_teacher_call_and_keeps_its_g_in
     transformer call per step at that g."""
     from diffusers import DiffusionPipeline
 
-    from distill.models import GuidanceSD3Transformer2DModel
+    from fastgen.distill.models import GuidanceSD3Transformer2DModel
 
     gd = GuidanceTrainer(mmdit_teacher, GuidanceConfig(**{**FAST, "steps": 2, "lr": 1e-3}), tmp_path / "gd",
                          zoo_name="shapes-mmdit")
@@ -736,7 +736,7 @@ def test_scm_init_student_starts_from_a_saved_student(mmdit_teacher, unet_teache
 def test_scm_tangent_is_cos_times_df_dt_along_the_ode(edge):
     """g = cos(t - e) df/dt for f = cos(t - e) x_t - sin(t - e) sd F (plain sCM: e = 0; phased: e = the edge),
     checked against central differences of f along the ODE direction."""
-    from distill.consistency import scm_tangent
+    from fastgen.distill.consistency import scm_tangent
 
     g = torch.Generator().manual_seed(0)
     shape = (2, 3, 4, 4)
@@ -760,7 +760,7 @@ def test_scm_tangent_is_cos_times_df_dt_along_the_ode(edge):
 
 
 def test_scm_phased_two_step_student(mmdit_teacher, tmp_path):
-    from distill.consistency import distill_consistency
+    from fastgen.distill.consistency import distill_consistency
 
     with pytest.raises(ValueError, match="eval_steps=2"):
         SCMConfig(**{**FAST, "phased": True}).check()
@@ -779,7 +779,7 @@ def test_scm_phased_two_step_student(mmdit_teacher, tmp_path):
 
 
 def test_scm_choose_mid_t_picks_a_candidate_on_calibration_prompts(mmdit_teacher, tmp_path):
-    from distill.consistency import choose_mid_t, distill_consistency
+    from fastgen.distill.consistency import choose_mid_t, distill_consistency
 
     tr = SCMTrainer(mmdit_teacher, SCMConfig(**{**FAST, "steps": 1, "eval_steps": 2}), tmp_path, zoo_name="shapes-mmdit")
     tr.run(final_eval=False)
@@ -915,7 +915,7 @@ def test_guidance_teacher_must_use_cfg(tmp_path):
 def test_cli_guidance_and_scm_on_a_saved_teacher_folder(unet_teacher, mmdit_teacher, tmp_path):
     from diffusers import DiffusionPipeline
 
-    from distill import consistency, guidance
+    from fastgen.distill import consistency, guidance
     from fastgen.zoo.train import save_pipeline
 
     prompts = tmp_path / "prompts.txt"
@@ -961,7 +961,7 @@ def test_every_method_runs_on_cuda_in_bf16(tmp_path):
 def test_cli_flags_parse_int_and_float_tuples():
     import argparse
 
-    from distill.common import add_common_args, config_from_args
+    from fastgen.distill.common import add_common_args, config_from_args
 
     ap = argparse.ArgumentParser()
     add_common_args(ap, SCMConfig())

@@ -14,7 +14,7 @@ import fastgen
 from fastgen.errors import IncompatibleTechniquesError, MissingExtraError, RecipeError
 from fastgen.hooks import HookBase, add_hook, remove_hook
 from fastgen.testing import default_call_kwargs, tiny_pipeline
-from quant.mobile import ExecuTorchConfig, _parse
+from fastgen.quant.mobile import ExecuTorchConfig, _parse
 
 HAS_EXECUTORCH = importlib.util.find_spec("executorch") is not None
 needs_executorch = pytest.mark.skipif(not HAS_EXECUTORCH, reason="needs the mobile extra (pip install 'fastgen[mobile]')")

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-import quant
+from fastgen import quant
 from fastgen.errors import RecipeError
 from fastgen.testing import default_call_kwargs, tiny_pipeline
-from quant.calibration import first_tensor, replay
-from quant.quantizers import ActQuantizer, WeightQuantizer, fake_quant, weight_scales
-from quant.trainer import FinetuneConfig, QALoRATrainer, main
+from fastgen.quant.calibration import first_tensor, replay
+from fastgen.quant.quantizers import ActQuantizer, WeightQuantizer, fake_quant, weight_scales
+from fastgen.quant.trainer import FinetuneConfig, QALoRATrainer, main
 
 ZOO_TINY = {"shapes-mmdit": dict(hidden=32, layers=1, heads=2, text_hidden=16, text_layers=1),
             "shapes-unet": dict(blocks=(32, 32), heads=2, text_hidden=16, text_layers=1)}
@@ -500,8 +500,8 @@ def test_bench_ptq_cli_on_a_tiny_run(tmp_path, capsys):
 
     if not (zoo.weights_path("shapes-mmdit") / "model_index.json").exists():
         pytest.skip("shapes-mmdit weights are not installed")
-    from quant.bench_ptq import main as bench_main
-    from quant.trainer import main as train_main
+    from fastgen.quant.bench_ptq import main as bench_main
+    from fastgen.quant.trainer import main as train_main
 
     run = tmp_path / "q"
     assert train_main(["--model", "shapes-mmdit", "--bits", "w4a8", "--out", str(run), "--steps", "1", "--prompts", "1",

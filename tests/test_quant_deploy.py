@@ -1,6 +1,6 @@
 """quant.deploy (real int8 kernels: dynamic / static with QALoRA's per-timestep scales, the int8 recipe) and
 quant.export (ExecuTorch .pte, ONNX QDQ), run back through their runtimes. Tiny real diffusers classes, CPU.
-Speed is not tested here: ``python -m quant.bench_int8`` measures it."""
+Speed is not tested here: ``python -m fastgen.quant.bench_int8`` measures it."""
 
 import importlib.util
 
@@ -9,11 +9,11 @@ import torch
 import torch.nn as nn
 
 import fastgen
-import quant
+from fastgen import quant
 from fastgen.cli import main as cli_main
 from fastgen.errors import RecipeError, UnsupportedPipelineError
-from quant.deploy import Int8Config, Int8Linear, _STATE
-from quant.export import ExportError
+from fastgen.quant.deploy import Int8Config, Int8Linear, _STATE
+from fastgen.quant.export import ExportError
 
 TINY = dict(hidden=32, layers=1, heads=2, text_hidden=16, text_layers=1)
 CALL = dict(prompt="a red circle", num_inference_steps=4, height=32, width=32, max_sequence_length=2)
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 def _pipe():
     from fastgen.zoo.train import build_pipeline
-    from quant.bench_int8 import _perturb_adaln
+    from fastgen.quant.bench_int8 import _perturb_adaln
 
     pipe = build_pipeline("shapes-mmdit", TINY)
     _perturb_adaln(pipe.transformer)  # untrained adaLN-zero outputs 0

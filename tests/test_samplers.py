@@ -6,8 +6,8 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 import fastgen
-import samplers
-from samplers.flow import FlowLPLScheduler, FlowPseudoCorrectorScheduler
+from fastgen import samplers
+from fastgen.samplers.flow import FlowLPLScheduler, FlowPseudoCorrectorScheduler
 from fastgen.testing import default_call_kwargs, tiny_pipeline
 
 MU, S = 1.5, 0.3  # data ~ N(MU, S^2): the flow ODE maps noise z exactly to MU + S z
@@ -108,10 +108,10 @@ def test_registry_lists_the_flow_samplers():
 
 
 def test_sampler_table_on_the_shipped_model_scores_psnr_and_calls():
-    """``python -m samplers.table``: the reference row is the model's own sampler (PSNR inf), a sampler that
+    """``python -m fastgen.samplers.table``: the reference row is the model's own sampler (PSNR inf), a sampler that
     cannot drive the model is listed with the reason, Heun counts two calls per step but the last."""
     from fastgen import zoo
-    from samplers.table import markdown, sampler_table
+    from fastgen.samplers.table import markdown, sampler_table
 
     if not (zoo.weights_path("shapes-mmdit") / "model_index.json").exists():
         pytest.skip("shapes-mmdit weights are not installed")

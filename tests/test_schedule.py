@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import fastgen
-import samplers
+from fastgen import samplers
 from fastgen.errors import RecipeError
 from fastgen.testing import default_call_kwargs, tiny_pipeline
-from samplers.schedule import Schedule, _default_values, _latents, schedule_kwarg, search_schedule
+from fastgen.samplers.schedule import Schedule, _default_values, _latents, schedule_kwarg, search_schedule
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -82,7 +82,7 @@ def test_bad_schedules_are_clear(tmp_path):
 
 
 def test_shipped_schedule_loads_on_its_model():
-    from samplers.schedule import SCHEDULES_DIR, shipped_schedules
+    from fastgen.samplers.schedule import SCHEDULES_DIR, shipped_schedules
 
     assert "shapes-mmdit-euler8" in shipped_schedules()
     sch = Schedule.load(SCHEDULES_DIR / "shapes-mmdit-euler8.json")
@@ -101,7 +101,7 @@ def test_shipped_schedule_loads_on_its_model():
 
 def test_cli_searches_and_scores_on_the_zoo_model(tmp_path, capsys):
     from fastgen import zoo
-    from samplers.schedule import main
+    from fastgen.samplers.schedule import main
 
     if not zoo.weights_path("shapes-mmdit").exists():
         pytest.skip("shapes-mmdit weights not installed")

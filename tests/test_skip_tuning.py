@@ -6,7 +6,7 @@ import pytest
 import fastgen
 from fastgen.errors import RecipeError, UnsupportedPipelineError
 from fastgen.testing import default_call_kwargs, tiny_pipeline
-from samplers.skip_tuning import SkipTuningConfig, search_skip_tuning, skip_scales
+from fastgen.samplers.skip_tuning import SkipTuningConfig, search_skip_tuning, skip_scales
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -67,7 +67,7 @@ def test_cli_searches_and_scores_on_the_zoo_unet(tmp_path, capsys):
     import json
 
     from fastgen import zoo
-    from samplers.skip_tuning import main
+    from fastgen.samplers.skip_tuning import main
 
     if not zoo.weights_path("shapes-unet").exists():
         pytest.skip("shapes-unet weights not installed")

@@ -298,7 +298,7 @@ def test_shipped_guidance_student_runs_once_per_step_and_the_gd_recipe_finds_it(
     if not (zoo.weights_path(name) / "model_index.json").exists():
         pytest.skip(f"{name} weights are not shipped yet")
     import fastgen
-    from distill.models import GuidanceSD3Transformer2DModel
+    from fastgen.distill.models import GuidanceSD3Transformer2DModel
 
     student = zoo.load_default(name)
     assert type(student.transformer) is GuidanceSD3Transformer2DModel

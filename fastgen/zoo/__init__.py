@@ -24,6 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from fastgen.errors import FastgenError
+from fastgen.utils.logging import get_logger
+
+logger = get_logger(__name__)
 
 __all__ = [
     "MODELS", "DEFAULTS", "WEIGHTS_DIR", "list", "load_default", "load_pipeline", "check_weights", "call_kwargs",
@@ -65,17 +68,17 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 
 #: How each student was made (shown in errors when its weights are missing).
 _STUDENT_RECIPES: dict[str, str] = {
-    "shapes-mmdit-scm": "python -m distill.consistency --method scm --teacher shapes-mmdit --output runs/scm-mmdit "
+    "shapes-mmdit-scm": "python -m fastgen.distill.consistency --method scm --teacher shapes-mmdit --output runs/scm-mmdit "
                         "--steps 5000 --batch 32 --lr 5e-5 --warmup 100 --eval-every 500 --eval-steps 2 "
-                        "--tangent-warmup 500 --choose-mid-t 500 && python -m distill.consistency --method scm "
+                        "--tangent-warmup 500 --choose-mid-t 500 && python -m fastgen.distill.consistency --method scm "
                         "--teacher shapes-mmdit --init-student runs/scm-mmdit/pipeline --output runs/scm-phased "
                         "--steps 1750 --batch 32 --lr 5e-5 --warmup 50 --eval-every 250 --eval-steps 2 "
                         "--tangent-warmup 1 --mid-t 1.3 --phased --pool-size 1024",
-    "shapes-unet-lcm": "python -m distill.guidance --teacher shapes-unet --output runs/gd-unet --steps 1000 --batch 32 "
-                       "--lr 5e-5 --warmup 100 --eval-every 500 --eval-steps 8 && python -m distill.consistency "
+    "shapes-unet-lcm": "python -m fastgen.distill.guidance --teacher shapes-unet --output runs/gd-unet --steps 1000 --batch 32 "
+                       "--lr 5e-5 --warmup 100 --eval-every 500 --eval-steps 8 && python -m fastgen.distill.consistency "
                        "--method lcm --teacher shapes-unet --init-student runs/gd-unet/pipeline --output runs/lcm-unet "
                        "--steps 1000 --batch 32 --lr 2e-6 --huber-c 0 --num-ddim-timesteps 10 --w-max 6 --eval-every 250",
-    "shapes-mmdit-gd": "python -m distill.guidance --teacher shapes-mmdit --output runs/gd-mmdit --steps 3000 "
+    "shapes-mmdit-gd": "python -m fastgen.distill.guidance --teacher shapes-mmdit --output runs/gd-mmdit --steps 3000 "
                        "--batch 32 --lr 5e-5 --warmup 100 --t-sampling logit-normal",
 }
 
@@ -212,14 +215,29 @@ def _expected_shapes(library: str, cls: type, folder: Path) -> tuple[dict[str, t
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}, tied
 
 
+#: Top-level package names fastgen < 0.2 installed beside ``fastgen``; a folder saved then names its custom
+#: classes by them (``"distill.models"``). They live under the ``fastgen`` namespace now.
+_LEGACY_PACKAGES = ("samplers", "distill", "quant", "apps")
+
+
+def legacy_library(library: str) -> str | None:
+    """The current module for a ``model_index.json`` library saved by fastgen < 0.2 (``"distill.models"`` ->
+    ``"fastgen.distill.models"``), or None when ``library`` is not such a name."""
+    if isinstance(library, str) and library.split(".")[0] in _LEGACY_PACKAGES:
+        return "fastgen." + library
+    return None
+
+
 def _component_class(library: str, cls_name: str) -> type | None:
-    """The class a ``model_index.json`` entry names. Importing a custom module here (e.g. ``distill.models``
-    of a guidance-distilled student) also registers it in ``sys.modules``, where diffusers' loader looks."""
+    """The class a ``model_index.json`` entry names. Importing a custom module here (e.g.
+    ``fastgen.distill.models`` of a guidance-distilled student) also registers it in ``sys.modules``, where
+    diffusers' loader looks. A pre-0.2 name (``distill.models``) is read as its ``fastgen.`` module."""
+    library = legacy_library(library) or library
     try:
         module = importlib.import_module(library)
     except ImportError as e:
         raise WeightsError(f"the pipeline needs the module {library!r} (for {cls_name}), which cannot be imported: "
-                           f"{e}. fastgen's students need the `distill` package of this project.") from e
+                           f"{e}. fastgen's students need the `fastgen.distill` package of this project.") from e
     return getattr(module, cls_name, None)
 
 
@@ -296,7 +314,18 @@ def load_pipeline(path: str | Path, device: Any = None, dtype: Any = None):
     from ..utils.io import dtype_kwarg
 
     check_weights(path)
-    pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True,
+    # components a pre-0.2 folder names by an old top-level package (``"distill.models"``): load them from
+    # their ``fastgen.`` module and hand them over, since diffusers would try to import the old name
+    legacy = {}
+    spec = json.loads((Path(path) / "model_index.json").read_text())
+    for comp, val in spec.items():
+        if not comp.startswith("_") and isinstance(val, builtins.list) and len(val) == 2 and legacy_library(val[0]):
+            logger.warning("%s names %r for %s, a module of fastgen < 0.2; loading it from %r. Change that entry of "
+                           "model_index.json to %r (or save the pipeline again) so plain diffusers loads it too",
+                           Path(path) / "model_index.json", val[0], comp, legacy_library(val[0]), legacy_library(val[0]))
+            cls = _component_class(val[0], val[1])
+            legacy[comp] = cls.from_pretrained(str(Path(path) / comp), **dtype_kwarg(dtype or torch.float32))
+    pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, **legacy,
                                              **dtype_kwarg(dtype or torch.float32))
     pipe.set_progress_bar_config(disable=True)
     meta = Path(path) / "fastgen_zoo.json"
