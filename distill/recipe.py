@@ -148,11 +148,11 @@ class _CondHalfHook(HookBase):
         if not cfg or n % 2:
             # no CFG batching: the teacher's call would be unguided (g <= 1) -> the student at g = 1
             return self.fn_ref.original_forward(*args, guidance=max(g, 1.0) if cfg else 1.0, **kwargs)
-        from fastgen.guidance import _half, _twice
+        from fastgen.guidance import cond_half, repeat_output
 
         self.halved += 1
-        out = self.fn_ref.original_forward(*_half(args, n), guidance=g, **_half(kwargs, n))
-        return _twice(out)
+        out = self.fn_ref.original_forward(*cond_half(args, n), guidance=g, **cond_half(kwargs, n))
+        return repeat_output(out)
 
 
 def apply_gd(pipe, config: GDConfig | None = None):

@@ -342,7 +342,7 @@ def _export_int8(pipe, args, kw: dict, check: bool):
     import time
 
     from fastgen import quant
-    from fastgen.quant.export import ExportReport, _errors
+    from fastgen.quant.export import ExportReport, output_errors
 
     inputs = quant.capture_denoiser_inputs(pipe, kw, index=1, steps=4)
     den = quant.get_denoiser(pipe)
@@ -370,8 +370,8 @@ def _export_int8(pipe, args, kw: dict, check: bool):
             fq = den(**inputs)[0]
             quant.to_int8(pipe, "static", compile=False)
             y = den(**inputs)[0]
-            rep.max_abs_err, rep.rel_err = _errors(y, ref)
-            rep.rel_err_vs_quant_model = _errors(y, fq)[1]
+            rep.max_abs_err, rep.rel_err = output_errors(y, ref)
+            rep.rel_err_vs_quant_model = output_errors(y, fq)[1]
 
             def med(fn):
                 fn()

@@ -84,24 +84,26 @@ def _cfg_on(pipe, default_g: float) -> bool:
     return float(default_g if g is None else g) > 1.0
 
 
-def _half(x: Any, n: int) -> Any:
+def cond_half(x: Any, n: int) -> Any:
     """The conditional half of every tensor with batch ``n`` (nested in tuples, lists and dicts)."""
     if isinstance(x, torch.Tensor):
         return x[n // 2:] if x.ndim and x.shape[0] == n else x
     if isinstance(x, (list, tuple)):
-        return type(x)(_half(v, n) for v in x)
+        return type(x)(cond_half(v, n) for v in x)
     if isinstance(x, dict):
-        return {k: _half(v, n) for k, v in x.items()}
+        return {k: cond_half(v, n) for k, v in x.items()}
     return x
 
 
-def _twice(out: Any) -> Any:
+def repeat_output(out: Any) -> Any:
+    """A denoiser output (tensor, tuple or ``.sample`` dataclass) with its prediction concatenated to itself along
+    the batch: the unguided half's result standing in for both CFG halves."""
     if isinstance(out, torch.Tensor):
         return torch.cat([out, out])
     if isinstance(out, tuple):
-        return (_twice(out[0]),) + tuple(out[1:])
+        return (repeat_output(out[0]),) + tuple(out[1:])
     if dataclasses.is_dataclass(out) and hasattr(out, "sample"):
-        return dataclasses.replace(out, sample=_twice(out.sample))
+        return dataclasses.replace(out, sample=repeat_output(out.sample))
     raise TypeError(f"cfg-interval: unexpected denoiser output {type(out).__name__}")
 
 
@@ -125,7 +127,7 @@ class _IntervalHook(HookBase):
                 or self.config.guided(max(0, st.call.step_index), steps)):
             return self.fn_ref.original_forward(*args, **kwargs)
         self.skipped += 1
-        return _twice(self.fn_ref.original_forward(*_half(args, n), **_half(kwargs, n)))
+        return repeat_output(self.fn_ref.original_forward(*cond_half(args, n), **cond_half(kwargs, n)))
 
 
 def apply_cfg_interval(pipe, config: CFGIntervalConfig | None = None):

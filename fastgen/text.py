@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-__all__ = ["BASE_WORDS", "build_word_tokenizer"]
+__all__ = ["BASE_WORDS", "build_word_tokenizer", "bytes_to_unicode"]
 
 #: Words every fastgen tokenizer knows as single tokens (the shapes world adds its own vocabulary).
 BASE_WORDS: tuple[str, ...] = (
@@ -20,7 +20,7 @@ BASE_WORDS: tuple[str, ...] = (
 )
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable unicode map (the one byte-level BPE uses)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
@@ -35,7 +35,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 @lru_cache(maxsize=8)
 def _vocab_and_merges(words: tuple[str, ...]) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    byte_syms = list(_bytes_to_unicode().values())
+    byte_syms = list(bytes_to_unicode().values())
     vocab: dict[str, int] = {}
     for s in byte_syms:
         vocab.setdefault(s, len(vocab))

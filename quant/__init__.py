@@ -24,17 +24,20 @@ ICLR 2024 (arXiv 2310.03270). QALoRA itself is fake quantization in float; :mod:
 import importlib
 from typing import TYPE_CHECKING, Any
 
-# Public names -> the submodule defining them. Imported lazily so that ``python -m fastgen.quant.qalora`` does not
-# import quant.qalora before running it as __main__ (runpy warns about that).
+# Public names -> the submodule defining them, imported lazily (importing fastgen.quant costs nothing until a name
+# is used). ``quant.qalora`` only gathers names and runs the fine-tune CLI (``python -m fastgen.quant.qalora``):
+# no quant module imports it, so running it as __main__ never imports it a second time.
 _EXPORTS: dict[str, str] = {
     **dict.fromkeys(["DEFAULT_PROMPTS", "CalibrationRecord", "CalibrationSet", "calibrate", "capture_calibration"],
                     "calibration"),
-    **dict.fromkeys(["QuantCheckpointError", "load", "read_header", "save"], "io"),
+    **dict.fromkeys(["QuantCheckpointError", "load", "merge", "quantized_state", "read_header", "save"], "io"),
     **dict.fromkeys(["PTQConfig", "apply_ptq", "quantize", "remove_ptq"], "ptq"),
-    **dict.fromkeys(["DEFAULT_KEEP_FP", "FIRST_LAST_LAYERS", "MODULATION_LAYERS", "LayerSpec", "QALoRAConfig",
-                     "QALoRALayer", "QuantContext", "apply_qalora", "get_denoiser", "is_quantized", "merge",
-                     "plan_layers", "qalora_layers", "qalora_state", "qalora_summary", "quant_mode", "quantized_state",
-                     "remove_qalora"], "qalora"),
+    **dict.fromkeys(["DEFAULT_KEEP_FP", "FIRST_LAST_LAYERS", "MODULATION_LAYERS", "LayerSpec", "QALoRAConfig"],
+                    "config"),
+    **dict.fromkeys(["QALoRALayer", "QuantContext"], "layers"),
+    **dict.fromkeys(["apply_qalora", "is_quantized", "plan_layers", "qalora_layers", "qalora_state", "qalora_summary",
+                     "quant_mode", "remove_qalora"], "apply"),
+    "get_denoiser": "common",
     **dict.fromkeys(["ActQuantizer", "WeightQuantizer"], "quantizers"),
     **dict.fromkeys(["Int8Config", "Int8Linear", "to_int8", "remove_int8", "is_int8", "int8_summary", "weight_memory",
                      "capture_denoiser_inputs", "capture_denoiser_calls"], "deploy"),
@@ -58,11 +61,13 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs
     from .calibration import DEFAULT_PROMPTS, CalibrationRecord, CalibrationSet, calibrate, capture_calibration
-    from .io import QuantCheckpointError, load, read_header, save
+    from .apply import (apply_qalora, is_quantized, plan_layers, qalora_layers, qalora_state, qalora_summary, quant_mode,
+                        remove_qalora)
+    from .common import get_denoiser
+    from .config import DEFAULT_KEEP_FP, FIRST_LAST_LAYERS, MODULATION_LAYERS, LayerSpec, QALoRAConfig
+    from .io import QuantCheckpointError, load, merge, quantized_state, read_header, save
+    from .layers import QALoRALayer, QuantContext
     from .ptq import PTQConfig, apply_ptq, quantize, remove_ptq
-    from .qalora import (DEFAULT_KEEP_FP, FIRST_LAST_LAYERS, MODULATION_LAYERS, LayerSpec, QALoRAConfig, QALoRALayer,
-                         QuantContext, apply_qalora, get_denoiser, is_quantized, merge, plan_layers, qalora_layers,
-                         qalora_state, qalora_summary, quant_mode, quantized_state, remove_qalora)
     from .deploy import (Int8Config, Int8Linear, capture_denoiser_calls, capture_denoiser_inputs, int8_summary, is_int8,
                          remove_int8, to_int8, weight_memory)
     from .export import ExportError, ExportReport, export_executorch, export_onnx

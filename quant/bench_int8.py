@@ -101,9 +101,9 @@ def bench_model(name: str, *, repeats: int = 15, warmup: int = 2, variants: list
             models[v] = den
         elif v == "fp32+compile":
             m = copy.deepcopy(base)
-            from fastgen.quant.deploy import _compile
+            from fastgen.quant.deploy import compile_blocks
 
-            _compile(m)
+            compile_blocks(m)
             models[v] = m
         elif v.startswith("int8 dynamic"):
             m = copy.deepcopy(base)

@@ -27,9 +27,11 @@ from fastgen.hooks import add_hook, remove_hook
 from fastgen.utils.io import torch_save_atomic
 from fastgen.utils.logging import get_logger
 
-from .qalora import _TIMESTEP_NAMES, _require, get_denoiser, quant_mode, qalora_layers, _timestep_values
-from .quantizers import search_act_qparams
 from diffusers.hooks import ModelHook
+
+from .apply import qalora_layers, quant_mode, require_qalora
+from .common import TIMESTEP_NAMES, get_denoiser, timestep_values
+from .quantizers import search_act_qparams
 
 logger = get_logger(__name__)
 
@@ -127,9 +129,9 @@ class _CaptureHook(ModelHook):
             if p.kind == p.VAR_KEYWORD and name in kw:  # **kwargs of forward: flatten
                 kw.update(kw.pop(name))
         ts = []
-        for n in _TIMESTEP_NAMES:
+        for n in TIMESTEP_NAMES:
             if n in kw:
-                ts = _timestep_values(kw[n])
+                ts = timestep_values(kw[n])
                 break
         dev = self.store
         self.pending = (_map(kw, lambda t: t.detach().clone() if dev is None else t.detach().to(dev, copy=True)), ts)
@@ -327,7 +329,7 @@ def calibrate(pipe_or_model, calibration: CalibrationSet, *, act_init: str | Non
         ``{"records": n, "timesteps": [...], "layers": n}``.
     """
     model = get_denoiser(pipe_or_model)
-    st = _require(model)
+    st = require_qalora(model)
     cfg = st.config
     method = act_init or cfg.act_init
     records = calibration.records[:max_records] if max_records else calibration.records

@@ -52,13 +52,16 @@ from fastgen.errors import RecipeError, UnsupportedPipelineError
 from fastgen.hooks import add_hook, remove_hook
 from fastgen.utils.logging import get_logger
 
-from .qalora import (DEFAULT_KEEP_FP, QALoRAConfig, QALoRALayer, _parent, _timestep_param, _timestep_values,
-                     get_denoiser, plan_layers, qalora_state)
+from .apply import plan_layers, qalora_state
+from .common import get_denoiser, parent_module, timestep_param, timestep_values
+from .config import DEFAULT_KEEP_FP, QALoRAConfig
+from .layers import QALoRALayer
 
 logger = get_logger(__name__)
 
 __all__ = ["Int8Config", "Int8Linear", "to_int8", "remove_int8", "is_int8", "int8_summary", "weight_memory",
-           "capture_denoiser_inputs", "capture_denoiser_calls", "BACKENDS", "MODES"]
+           "capture_denoiser_inputs", "capture_denoiser_calls", "BACKENDS", "MODES", "Int8State", "int8_state",
+           "compile_blocks", "require_torchao"]
 
 MODES = ("dynamic", "static", "fp8")
 BACKENDS = ("intmm", "torchao")
@@ -206,7 +209,7 @@ class _Rows:
         return i, abs(keys[i] - t) <= 1e-5 * max(1.0, abs(t))
 
     def select(self, t) -> None:
-        vals = _timestep_values(t)
+        vals = timestep_values(t)
         if not vals:
             if len(self.keys) > 1:
                 raise RuntimeError("int8 static mode needs the denoiser's timestep argument to pick the activation "
@@ -322,7 +325,9 @@ class Int8Linear(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
-def _torchao():
+def require_torchao():
+    """The ``torchao`` module, or a clear error naming the ``quant`` extra when it is not installed (its harmless
+    CUDA-kernel load messages on CPU-only torch are silenced)."""
     from fastgen.errors import require_extra
 
     import logging
@@ -347,7 +352,7 @@ class _TorchaoLinear(nn.Module):
     def __init__(self, name: str, weight_int, weight_scale, bias, *, act_scale=None, act_zero_point=None,
                  act_range=None, rows: _Rows | None = None):
         super().__init__()
-        _torchao()
+        require_torchao()
         from torchao.quantization import PerRow, PerTensor
         from torchao.quantization.quant_primitives import MappingType
         from torchao.quantization.quantize_.workflows import Int8Tensor, QuantizeTensorToInt8Kwargs
@@ -405,7 +410,11 @@ class _TorchaoLinear(nn.Module):
 
 
 @dataclass
-class _State:
+class Int8State:
+    """What :func:`to_int8` keeps on the denoiser (:func:`int8_state`): the config, the replaced layers (name ->
+    ``(parent, attribute, original, int8 module)``), the compiled blocks, the activation rows of static mode,
+    the layers kept FP, where the weights came from, and ``extra`` (free for callers, e.g. the ``int8`` recipe)."""
+
     config: Int8Config
     layers: dict[str, tuple[nn.Module, str, nn.Module, nn.Module]]  # name -> (parent, attr, original, new)
     compiled: list[tuple[nn.Module, Any]]
@@ -416,8 +425,14 @@ class _State:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def int8_state(pipe_or_model) -> Int8State | None:
+    """The :class:`Int8State` of a pipeline or denoiser converted by :func:`to_int8` (None when it is not)."""
+    return getattr(get_denoiser(pipe_or_model), _STATE, None)
+
+
 def is_int8(pipe_or_model) -> bool:
-    return getattr(get_denoiser(pipe_or_model), _STATE, None) is not None
+    """Whether :func:`to_int8` converted the pipeline's (or the module's) Linear layers."""
+    return int8_state(pipe_or_model) is not None
 
 
 def _absmax_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -447,7 +462,9 @@ def _repeated_blocks(model: nn.Module) -> list[nn.Module]:
     return out
 
 
-def _compile(model: nn.Module) -> list[tuple[nn.Module, Any]]:
+def compile_blocks(model: nn.Module) -> list[tuple[nn.Module, Any]]:
+    """``torch.compile`` the repeated blocks of ``model`` in place (regional compilation; the whole model when it
+    has none). Returns ``(module, previous _compiled_call_impl)`` pairs, which :func:`remove_int8` uses to undo it."""
     blocks = _repeated_blocks(model) or [model]
     done = []
     for b in blocks:
@@ -523,7 +540,7 @@ def to_int8(pipe_or_model, mode: str | Int8Config = "dynamic", *, from_qalora: b
     if config.mode == "fp8":
         return _to_fp8(pipe_or_model, model, config)
     if config.backend == "torchao":
-        _torchao()
+        require_torchao()
     sources, kept, source, n_conv = _sources(model, config)
     if not sources:
         raise UnsupportedPipelineError(
@@ -537,7 +554,7 @@ def to_int8(pipe_or_model, mode: str | Int8Config = "dynamic", *, from_qalora: b
     layers: dict[str, tuple[nn.Module, str, nn.Module, nn.Module]] = {}
     try:
         for name, d in sources.items():
-            parent, attr = _parent(model, name)
+            parent, attr = parent_module(model, name)
             original = getattr(parent, attr)
             dev = d["weight_int"].device
             act = {}
@@ -548,18 +565,18 @@ def to_int8(pipe_or_model, mode: str | Int8Config = "dynamic", *, from_qalora: b
             setattr(parent, attr, new)
             layers[name] = (parent, attr, original, new)
         if rows is not None:
-            position, tname = _timestep_param(model)
+            position, tname = timestep_param(model)
             if tname is None and len(rows.keys) > 1:
                 raise UnsupportedPipelineError(f"{type(model).__name__}.forward has no timestep argument: per-timestep "
                                                "activation tables cannot be used (quantize with per_timestep_act=False)")
             add_hook(model, _RowsHook(rows, position, tname), _HOOK)
-        compiled = _compile(model) if config.compile else []
+        compiled = compile_blocks(model) if config.compile else []
     except BaseException:
         for parent, attr, original, _ in reversed(list(layers.values())):
             setattr(parent, attr, original)
         remove_hook(model, _HOOK)
         raise
-    st = _State(config, layers, compiled, rows, kept, source, n_conv)
+    st = Int8State(config, layers, compiled, rows, kept, source, n_conv)
     if not config.keep_original:
         for k, (parent, attr, _, new) in list(layers.items()):
             layers[k] = (parent, attr, None, new)
@@ -577,7 +594,7 @@ def _to_fp8(pipe_or_model, model: nn.Module, config: Int8Config):
         raise UnsupportedPipelineError(f"fp8 needs a CUDA GPU with FP8 tensor cores (compute capability >= 8.9: "
                                        f"Ada, Hopper, Blackwell); the denoiser is on {where}. Use mode='dynamic' "
                                        "(int8) instead")
-    _torchao()
+    require_torchao()
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
     plan, kept = plan_layers(model, QALoRAConfig(w_bits=8, a_bits=8, rank=0, keep_fp=config.keep_fp,
@@ -586,7 +603,7 @@ def _to_fp8(pipe_or_model, model: nn.Module, config: Int8Config):
     for name, spec in plan.items():
         if spec.kind != "linear":
             continue
-        parent, attr = _parent(model, name)
+        parent, attr = parent_module(model, name)
         original = getattr(parent, attr)
         new = nn.Linear(original.in_features, original.out_features, bias=original.bias is not None,
                         device=original.weight.device, dtype=original.weight.dtype)
@@ -594,8 +611,8 @@ def _to_fp8(pipe_or_model, model: nn.Module, config: Int8Config):
         quantize_(new, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
         setattr(parent, attr, new)
         layers[name] = (parent, attr, original, new)
-    compiled = _compile(model) if config.compile else []
-    setattr(model, _STATE, _State(config, layers, compiled, None, kept, "fp32 weights (fp8 e4m3 per row)"))
+    compiled = compile_blocks(model) if config.compile else []
+    setattr(model, _STATE, Int8State(config, layers, compiled, None, kept, "fp32 weights (fp8 e4m3 per row)"))
     return pipe_or_model
 
 
@@ -603,7 +620,7 @@ def remove_int8(pipe_or_model):
     """Undo :func:`to_int8`: the original modules (float or QALoRA layers) go back, compilation and the
     timestep hook are removed; the denoiser is bit-exactly as before. No-op if not converted."""
     model = get_denoiser(pipe_or_model)
-    st: _State | None = getattr(model, _STATE, None)
+    st: Int8State | None = getattr(model, _STATE, None)
     if st is None:
         return pipe_or_model
     if not st.config.keep_original:
@@ -651,7 +668,7 @@ def weight_memory(pipe_or_model) -> dict[str, int]:
 def int8_summary(pipe_or_model) -> dict[str, Any] | None:
     """What :func:`to_int8` did: mode, backend, layers converted/kept, weight source, timestep rows used."""
     model = get_denoiser(pipe_or_model)
-    st: _State | None = getattr(model, _STATE, None)
+    st: Int8State | None = getattr(model, _STATE, None)
     if st is None:
         return None
     mem = weight_memory(model)

@@ -47,11 +47,14 @@ import torch.nn as nn
 from fastgen.errors import UnsupportedPipelineError, require_extra
 from fastgen.utils.logging import get_logger
 
-from .qalora import QALoRAConfig, get_denoiser, plan_layers, qalora_state, remove_qalora
+from .apply import plan_layers, qalora_state, remove_qalora
+from .common import get_denoiser
+from .config import QALoRAConfig
 
 logger = get_logger(__name__)
 
-__all__ = ["ExportReport", "ExportError", "export_executorch", "export_onnx", "DenoiserExportWrapper"]
+__all__ = ["ExportReport", "ExportError", "export_executorch", "export_onnx", "DenoiserExportWrapper", "float_copy",
+           "load_program", "output_errors", "run_program", "split_inputs", "write_pte"]
 
 
 class ExportError(UnsupportedPipelineError):
@@ -143,7 +146,10 @@ def _example(pipe, inputs: dict[str, Any] | None, call_kwargs: dict[str, Any] | 
     return inputs
 
 
-def _split(inputs: dict[str, Any]) -> tuple[list[str], tuple[torch.Tensor, ...], dict[str, Any]]:
+def split_inputs(inputs: dict[str, Any]) -> tuple[list[str], tuple[torch.Tensor, ...], dict[str, Any]]:
+    """Split a denoiser call's keyword arguments into ``(tensor names, tensors, constants)``: the tensors are the
+    exported program's inputs, the constants are baked into it. An :class:`ExportError` names arguments that are
+    neither."""
     names = [k for k, v in inputs.items() if isinstance(v, torch.Tensor)]
     fixed = {k: v for k, v in inputs.items() if not isinstance(v, torch.Tensor)}
     bad = [k for k, v in fixed.items() if v is not None and not isinstance(v, (bool, int, float, str))]
@@ -153,7 +159,7 @@ def _split(inputs: dict[str, Any]) -> tuple[list[str], tuple[torch.Tensor, ...],
     return names, tuple(inputs[k] for k in names), fixed
 
 
-def _float_copy(pipe) -> tuple[nn.Module, nn.Module, dict[str, tuple[torch.Tensor, torch.Tensor, int]]]:
+def float_copy(pipe) -> tuple[nn.Module, nn.Module, dict[str, tuple[torch.Tensor, torch.Tensor, int]]]:
     """``(original denoiser, float copy, QALoRA integer Linear weights by layer name)``: the copy has every
     QALoRA wrapper replaced by its original module (the export's float graph)."""
     from .deploy import is_int8
@@ -296,7 +302,7 @@ def match_runtime_threads() -> int:
     return have
 
 
-def _load_method(path):
+def load_program(path):
     """``forward`` of the program at ``path``, loaded through ``executorch.runtime`` at torch's thread count."""
     from executorch.runtime import Runtime
 
@@ -305,7 +311,7 @@ def _load_method(path):
     return Runtime.get().load_program(path).load_method("forward")
 
 
-def _execute(method, args: tuple[torch.Tensor, ...], path) -> torch.Tensor:
+def run_program(method, args: tuple[torch.Tensor, ...], path) -> torch.Tensor:
     """The first output of the loaded program ``method`` on ``args``; an :class:`ExportError` naming ``path`` if
     the runtime cannot run it."""
     try:
@@ -314,7 +320,9 @@ def _execute(method, args: tuple[torch.Tensor, ...], path) -> torch.Tensor:
         raise ExportError(f"{path}: executorch.runtime could not run the program: {e}") from e
 
 
-def _errors(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+def output_errors(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """``(max abs error, max abs error / max abs of ref)`` of an exported/integer model's output ``out`` against
+    the PyTorch reference ``ref``; an :class:`ExportError` if the shapes differ or ``out`` is not finite."""
     out, ref = out.detach().float(), ref.detach().float()
     if out.shape != ref.shape:
         raise ExportError(f"the exported program returned shape {tuple(out.shape)}, PyTorch {tuple(ref.shape)}")
@@ -412,9 +420,9 @@ def _op_name(target) -> str:
     return s.split(".")[0]
 
 
-def _write_pte(model: nn.Module, ints: dict[str, tuple[torch.Tensor, torch.Tensor, int]], bits: int, group_size: int,
-               names: list[str], args: tuple[torch.Tensor, ...], fixed: dict[str, Any], out: Path, what: str,
-               notes: list[str]) -> tuple[int, int, Counter, Counter]:
+def write_pte(model: nn.Module, ints: dict[str, tuple[torch.Tensor, torch.Tensor, int]], bits: int, group_size: int,
+              names: list[str], args: tuple[torch.Tensor, ...], fixed: dict[str, Any], out: Path, what: str,
+              notes: list[str]) -> tuple[int, int, Counter, Counter]:
     """Quantize the float denoiser ``model`` (in place), export it with ``args`` as the fixed example inputs, lower
     it to XNNPACK and write ``out`` atomically. Returns ``(quantized layers, delegate segments, delegated ops,
     portable ops)``; raises :class:`ExportError` naming the layer/op that cannot be exported or run."""
@@ -489,18 +497,18 @@ def export_executorch(pipe, out: str | os.PathLike, bits: int = 8, *, inputs: di
     if bits not in (0, 4, 8):
         raise ValueError(f"bits must be 8, 4 (weights; activations are dynamic int8) or 0 (float32), got {bits!r}")
     require_extra("executorch", "mobile", "ExecuTorch export")
-    from .deploy import _torchao
+    from .deploy import require_torchao
 
-    _torchao()
+    require_torchao()
     inputs = _example(pipe, inputs, call_kwargs)
-    names, args, fixed = _split(inputs)
-    original, model, ints = _float_copy(pipe)
+    names, args, fixed = split_inputs(inputs)
+    original, model, ints = float_copy(pipe)
     notes: list[str] = []
     with torch.no_grad():
         ref_quant = original(**inputs)[0] if ints else None
         ref = model(**inputs)[0]
     out = Path(out)
-    nq, segments, delegated, portable = _write_pte(model, ints, bits, group_size, names, args, fixed, out,
+    nq, segments, delegated, portable = write_pte(model, ints, bits, group_size, names, args, fixed, out,
                                                    f"ExecuTorch export of {type(original).__name__}", notes)
     norm_ops = sorted(o for o in portable if "norm" in o or o.endswith("::mean"))
     if norm_ops:
@@ -511,11 +519,11 @@ def export_executorch(pipe, out: str | os.PathLike, bits: int = 8, *, inputs: di
         inputs={k: list(v.shape) for k, v in zip(names, args)}, quantized_layers=nq,
         delegated_ops=dict(delegated), portable_ops=dict(portable), delegate_segments=segments, notes=notes)
     if check:
-        method = _load_method(out)
-        got = _execute(method, args, out)
-        rep.max_abs_err, rep.rel_err = _errors(got, ref)
+        method = load_program(out)
+        got = run_program(method, args, out)
+        rep.max_abs_err, rep.rel_err = output_errors(got, ref)
         if ref_quant is not None:
-            rep.rel_err_vs_quant_model = _errors(got, ref_quant)[1]
+            rep.rel_err_vs_quant_model = output_errors(got, ref_quant)[1]
         with torch.no_grad():
             rep.runtime_ms, rep.torch_ms = _paired_ms(lambda: method.execute(list(args)), lambda: original(**inputs),
                                                       repeats)
@@ -576,8 +584,8 @@ def export_onnx(pipe, out: str | os.PathLike, qdq_int8: bool = True, *, mode: st
     import onnx
 
     inputs = _example(pipe, inputs, call_kwargs)
-    names, args, fixed = _split(inputs)
-    original, model, ints = _float_copy(pipe)
+    names, args, fixed = split_inputs(inputs)
+    original, model, ints = float_copy(pipe)
     notes: list[str] = []
     if ints:
         notes.append("QALoRA model: exported its float original; onnxruntime re-quantizes it (the learned tables do "
@@ -674,15 +682,15 @@ def export_onnx(pipe, out: str | os.PathLike, qdq_int8: bool = True, *, mode: st
             raise ExportError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0]}") from e
         feeds = {k: v.detach().cpu().numpy() for k, v in zip(names, args)}
         got = torch.from_numpy(np.asarray(sess.run(None, feeds)[0]))
-        rep.max_abs_err, rep.rel_err = _errors(got, ref)
+        rep.max_abs_err, rep.rel_err = output_errors(got, ref)
         if ref_quant is not None:
-            rep.rel_err_vs_quant_model = _errors(got, ref_quant)[1]
+            rep.rel_err_vs_quant_model = output_errors(got, ref_quant)[1]
         with torch.no_grad():
             rep.runtime_ms, rep.torch_ms = _paired_ms(lambda: sess.run(None, feeds), lambda: original(**inputs),
                                                       repeats)
         if ort:
             sess_ort = ortm.InferenceSession(str(path.with_suffix(".ort")), so, providers=["CPUExecutionProvider"])
             got2 = torch.from_numpy(np.asarray(sess_ort.run(None, feeds)[0]))
-            rep.notes.append(f".ort runs: rel err vs PyTorch {_errors(got2, ref)[1]:.3e}")
+            rep.notes.append(f".ort runs: rel err vs PyTorch {output_errors(got2, ref)[1]:.3e}")
     logger.info("%s", rep.format())
     return rep

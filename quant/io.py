@@ -22,14 +22,76 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from fastgen.errors import FastgenError
 
-from .qalora import (FORMAT, LayerSpec, QALoRAConfig, _kind, apply_qalora, get_denoiser, plan_layers, qalora_layers,
-                     qalora_state, quantized_state, QALoRALayer)
+from .apply import apply_qalora, plan_layers, qalora_layers, qalora_state, remove_qalora, require_qalora
+from .common import get_denoiser, layer_kind
+from .config import LayerSpec, QALoRAConfig
+from .layers import QALoRALayer
 
-__all__ = ["save", "load", "read_header", "QuantCheckpointError"]
+__all__ = ["save", "load", "read_header", "merge", "quantized_state", "QuantCheckpointError", "FORMAT"]
 
 _META_KEY = "fastgen_quant"
+
+FORMAT = "fastgen-quant-v1"
+
+
+def quantized_state(pipe_or_model) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The integer form of a quantized denoiser, without changing it: ``(tensors, header)``.
+
+    Tensors per quantized layer ``L``: ``L.weight_int`` (int8; values in the ``w_bits`` range),
+    ``L.weight_scale`` (float32 ``[out]``; weight = ``weight_int * weight_scale``), ``L.bias`` (if any,
+    float32), and with activation quantization ``L.act_scale`` (float32 ``[T]``) and ``L.act_zero_point``
+    (int32 ``[T]``; ``x_int = clamp(round(x / act_scale[t]) + act_zero_point[t], range)``), row ``t``
+    belonging to ``timesteps[t]`` (float64 ``[T]``, ascending; absent for ``per_timestep_act=False``).
+    The header (JSON) holds the format, denoiser class, config and per-layer ``LayerSpec`` + act range.
+    """
+    model = get_denoiser(pipe_or_model)
+    st = require_qalora(model)
+    if st.config.a_bits is not None and not st.ctx.calibrated:
+        raise RuntimeError("the activation quantizers are not calibrated: run quant.calibrate(pipe, calibration) "
+                           "before exporting")
+    tensors: dict[str, torch.Tensor] = {}
+    layers: dict[str, Any] = {}
+    for name, (_, _, layer) in st.layers.items():
+        w_int, scale = layer.int_repr()
+        tensors[f"{name}.weight_int"] = w_int.contiguous().cpu()
+        tensors[f"{name}.weight_scale"] = scale.float().contiguous().cpu()
+        bias = layer.bias_q if layer.merged else layer.base.bias
+        if bias is not None:
+            tensors[f"{name}.bias"] = bias.detach().float().contiguous().cpu()
+        info = layer.spec.to_dict()
+        if layer.a_quant is not None:
+            s, z = layer.a_quant.qparams()
+            tensors[f"{name}.act_scale"] = s.contiguous().cpu()
+            tensors[f"{name}.act_zero_point"] = z.contiguous().cpu()
+            info["act_symmetric"] = layer.a_quant.symmetric
+            info["act_range"] = [layer.a_quant.qmin, layer.a_quant.qmax]
+        info["weight_range"] = [layer.w_quant.qmin, layer.w_quant.qmax]
+        layers[name] = info
+    if st.config.per_timestep_act and st.ctx.calibrated:
+        tensors["timesteps"] = torch.tensor(st.ctx.keys, dtype=torch.float64)
+    header = {"format": FORMAT, "method": "qalora", "denoiser": type(model).__name__, "bits": st.config.bits,
+              "config": st.config.to_dict(), "per_timestep_act": st.config.per_timestep_act,
+              "timesteps": list(st.ctx.keys) if st.config.per_timestep_act else None, "layers": layers,
+              "kept_fp": dict(st.kept)}
+    return tensors, header
+
+
+def merge(pipe_or_model) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Fold every LoRA into its weight and switch the layers to integer weights + scales, in place.
+
+    The outputs do not change (bit-identical); the LoRA and weight-step parameters are dropped, so the
+    model cannot be fine-tuned further (:func:`remove_qalora` still restores the FP model). Returns
+    :func:`quantized_state` (the int8 weights, per-channel scales and per-timestep activation tables that
+    a real-kernel deployment step consumes; save it with :func:`quant.save`).
+    """
+    for layer in qalora_layers(pipe_or_model).values():
+        layer.merge_()
+    return quantized_state(pipe_or_model)
+
 
 
 class QuantCheckpointError(FastgenError, ValueError):
@@ -148,10 +210,10 @@ def load(pipe_or_model, path: str | os.PathLike, *, expect: QALoRAConfig | str |
         m = modules.get(name)
         if isinstance(m, QALoRALayer):
             m = m.base
-        if m is None or _kind(m) is None:
+        if m is None or layer_kind(m) is None:
             shape_errs.append(f"layer {name!r}: not a Linear/Conv2d in {type(model).__name__}")
-        elif _kind(m) != spec.kind or tuple(m.weight.shape) != spec.shape:
-            shape_errs.append(f"layer {name!r}: checkpoint {spec.kind} {list(spec.shape)}, model {_kind(m)} "
+        elif layer_kind(m) != spec.kind or tuple(m.weight.shape) != spec.shape:
+            shape_errs.append(f"layer {name!r}: checkpoint {spec.kind} {list(spec.shape)}, model {layer_kind(m)} "
                               f"{list(m.weight.shape)}")
     if shape_errs:
         raise QuantCheckpointError(f"{path} does not fit this {type(model).__name__}: " + "; ".join(shape_errs[:10]))
@@ -180,8 +242,6 @@ def load(pipe_or_model, path: str | os.PathLike, *, expect: QALoRAConfig | str |
         st.ctx.calibrated = True
         st.extra["loaded_from"] = str(path)
     except BaseException:
-        from .qalora import remove_qalora
-
         remove_qalora(model)
         raise
     return pipe_or_model

@@ -43,7 +43,7 @@ from fastgen.hooks import HookBase, add_hook, attach, detach_if_empty, get_state
 from fastgen.registry import Technique, register_technique
 from fastgen.utils.logging import get_logger
 
-from .export import _errors, _execute, _float_copy, _load_method, _split, _write_pte
+from .export import float_copy, load_program, output_errors, run_program, split_inputs, write_pte
 from .qalora import get_denoiser
 
 logger = get_logger(__name__)
@@ -179,7 +179,7 @@ class _ExecuTorchHook(HookBase):
                 tuple(sorted((k, repr(v)) for k, v in fixed.items())))
 
     def _build(self, key: tuple, sample: dict[str, Any]) -> _Program:
-        names, args, fixed = _split(sample)
+        names, args, fixed = split_inputs(sample)
         out = Path(self.workdir) / f"denoiser-{len(self.programs)}.pte"
         notes: list[str] = []
         shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in zip(names, args))
@@ -190,13 +190,13 @@ class _ExecuTorchHook(HookBase):
             ref = model(**sample)[0]
         with warnings.catch_warnings():  # torch.export's pytree deprecation notices, once per traced leaf
             warnings.simplefilter("ignore", FutureWarning)
-            nq, _, _, portable = _write_pte(model, self.ints, self.config.bits, self.config.group_size, names, args,
-                                            fixed, out, f"ExecuTorch export of {self.owner}", notes)
-        method = _load_method(out)
+            nq, _, _, portable = write_pte(model, self.ints, self.config.bits, self.config.group_size, names, args,
+                                           fixed, out, f"ExecuTorch export of {self.owner}", notes)
+        method = load_program(out)
         prog = _Program(method=method, path=str(out), seconds=time.perf_counter() - t0, bytes=out.stat().st_size,
                         quantized_layers=nq, portable_ops=dict(portable),
                         inputs={k: list(v.shape) for k, v in zip(names, args)})
-        prog.rel_err = _errors(_execute(method, args, out), ref)[1]
+        prog.rel_err = output_errors(run_program(method, args, out), ref)[1]
         logger.info("executorch: wrote %s (%.2f MB, %d quantized Linear layers) in %.1fs; rel err vs PyTorch %.2e",
                     out, prog.bytes / 2**20, nq, prog.seconds, prog.rel_err)
         self.programs[key] = prog
@@ -254,9 +254,9 @@ def apply_executorch(pipe, config: ExecuTorchConfig | None = None):
     """
     config = config or ExecuTorchConfig()
     require_extra("executorch", "mobile", "the executorch recipe (mobile target)")
-    from .deploy import _torchao
+    from .deploy import require_torchao
 
-    _torchao()
+    require_torchao()
     st = get_state(pipe)
     if st is not None and _NAME in st.applied:
         remove_executorch(pipe)
@@ -266,7 +266,7 @@ def apply_executorch(pipe, config: ExecuTorchConfig | None = None):
         _CACHE.move_to_end(key)
         float_model, ints, programs, workdir = _CACHE[key]
     else:
-        _, float_model, ints = _float_copy(pipe)
+        _, float_model, ints = float_copy(pipe)
         _strip_hooks(float_model)
         programs, workdir = {}, tempfile.mkdtemp(prefix="fastgen-executorch-")
         _CACHE[key] = (float_model, ints, programs, workdir)

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from .calibration import CalibrationSet, calibrate, capture_calibration
-from .qalora import DEFAULT_KEEP_FP, FIRST_LAST_LAYERS, QALoRAConfig, apply_qalora, remove_qalora
+from .apply import apply_qalora, remove_qalora
+from .config import DEFAULT_KEEP_FP, FIRST_LAST_LAYERS, QALoRAConfig
 
 __all__ = ["PTQConfig", "apply_ptq", "remove_ptq", "quantize"]
 

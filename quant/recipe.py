@@ -117,9 +117,9 @@ def apply_int8_recipe(pipe, config=None):
     the same recipe (``"qalora:w8a8+int8:static"``) it uses that model's tables and integer weights.
     """
     from .calibration import capture_calibration
-    from .deploy import _STATE, to_int8
+    from .deploy import int8_state, to_int8
     from .ptq import quantize
-    from .qalora import get_denoiser, is_quantized
+    from .qalora import is_quantized
 
     config = config or Int8Config()
     st = get_state(pipe)
@@ -140,7 +140,7 @@ def apply_int8_recipe(pipe, config=None):
         if own:
             remove_qalora(pipe)
         raise
-    getattr(get_denoiser(pipe), _STATE).extra["own_qalora"] = own
+    int8_state(pipe).extra["own_qalora"] = own
     st = attach(pipe)
     st.applied[_INT8] = config
     return pipe
@@ -148,10 +148,9 @@ def apply_int8_recipe(pipe, config=None):
 
 def remove_int8_recipe(pipe):
     """Undo :func:`apply_int8_recipe` (bit-exact; also removes the calibration it made itself)."""
-    from .deploy import _STATE, remove_int8
-    from .qalora import get_denoiser
+    from .deploy import int8_state, remove_int8
 
-    ist = getattr(get_denoiser(pipe), _STATE, None)
+    ist = int8_state(pipe)
     own = bool(ist is not None and ist.extra.get("own_qalora"))
     remove_int8(pipe)
     if own:

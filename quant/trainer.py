@@ -45,8 +45,9 @@ from fastgen.utils.io import Resumable, check_same_config
 from fastgen.utils.logging import get_logger, log_to_stderr_with_time
 
 from .calibration import CalibrationSet, calibrate, capture_calibration, first_tensor, replay
-from .qalora import (QALoRAConfig, _require, apply_qalora, get_denoiser, qalora_layers, qalora_state, quant_mode,
-                     trainable_parameters)
+from .apply import apply_qalora, qalora_layers, qalora_state, quant_mode, remove_qalora, require_qalora, trainable_parameters
+from .common import get_denoiser
+from .config import QALoRAConfig
 
 logger = get_logger(__name__)
 
@@ -171,7 +172,7 @@ class QALoRATrainer(Resumable):
         st = qalora_state(self.model)
         if st is None:
             apply_qalora(self.model, config)
-            st = _require(self.model)
+            st = require_qalora(self.model)
         elif st.config != config:
             raise ValueError(f"QALoRA is applied with another config ({st.config.bits}, rank {st.config.rank}) than "
                              f"the trainer's ({config.bits}, rank {config.rank}); remove_qalora(pipe) first")
@@ -573,10 +574,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.eval and zoo_name is not None and not (out / "checkpoint.pt").exists():
         from fastgen.zoo.train import evaluate_pipeline
 
-        from .calibration import capture_calibration as _cap
-        from .qalora import remove_qalora
-
-        calib = _cap(pipe, prompts, **capture)
+        calib = capture_calibration(pipe, prompts, **capture)
         out.mkdir(parents=True, exist_ok=True)
         calib.save(out / "calibration.pt")
         apply_qalora(pipe, config)

@@ -38,8 +38,8 @@ __all__ = ["VARPipeline", "VARPipelineOutput", "edit_mask_per_scale"]
 _INDEX = "model_index.json"
 _WEIGHTS = "model.safetensors"
 _CONFIG = "config.json"
-#: recomputed from the config, not written by save_pretrained
-_NOT_SAVED = ("lvl_1L", "attn_bias_for_masking", "zero_k_bias")
+#: Buffer names (last dotted part) recomputed from the config, not written by save_pretrained
+NOT_SAVED = ("lvl_1L", "attn_bias_for_masking", "zero_k_bias")
 
 
 @dataclass
@@ -108,7 +108,7 @@ class VARPipeline:
             sub = root / name
             sub.mkdir(parents=True, exist_ok=True)
             state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()
-                     if k.rsplit(".", 1)[-1] not in _NOT_SAVED}
+                     if k.rsplit(".", 1)[-1] not in NOT_SAVED}
             tmp = sub / (_WEIGHTS + ".tmp")
             save_file(state, str(tmp), metadata={"format": "pt"})
             os.replace(tmp, sub / _WEIGHTS)

@@ -139,7 +139,7 @@ def save_module(module: torch.nn.Module, folder: str | os.PathLike) -> Path:
     (atomically: a tmp folder then ``os.replace``)."""
     from safetensors.torch import save_file
 
-    from .pipeline import _NOT_SAVED
+    from .pipeline import NOT_SAVED
 
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
@@ -147,7 +147,7 @@ def save_module(module: torch.nn.Module, folder: str | os.PathLike) -> Path:
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()
-             if k.rsplit(".", 1)[-1] not in _NOT_SAVED}
+             if k.rsplit(".", 1)[-1] not in NOT_SAVED}
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps({"_class_name": type(module).__name__, **module.config.to_dict()},
                                                 indent=2))

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from fastgen.errors import FastgenError
 from fastgen.utils.logging import get_logger
 
-from .vqvae import PATCH_NUMS_256, PATCH_NUMS_512, VQVAE, VQVAEConfig, _config_from_dict
+from .vqvae import PATCH_NUMS_256, PATCH_NUMS_512, VQVAE, VQVAEConfig, config_from_dict
 
 logger = get_logger(__name__)
 
@@ -166,7 +166,7 @@ class VARConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "VARConfig":
-        return _config_from_dict(cls, d)
+        return config_from_dict(cls, d)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)

@@ -48,7 +48,9 @@ PATCH_NUMS_256: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PATCH_NUMS_512: tuple[int, ...] = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
 
 
-def _config_from_dict(cls, d: Mapping[str, Any]):
+def config_from_dict(cls, d: Mapping[str, Any]):
+    """An instance of the config dataclass ``cls`` from a saved ``config.json`` dict (lists become tuples; the
+    ``_class_name`` key is ignored); a ``ValueError`` lists unknown keys and the known ones."""
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(d) - names - {"_class_name"})
     if unknown:
@@ -130,7 +132,7 @@ class VQVAEConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "VQVAEConfig":
         """Inverse of :meth:`to_dict`; unknown keys raise a ``ValueError`` naming them."""
-        return _config_from_dict(cls, d)
+        return config_from_dict(cls, d)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)

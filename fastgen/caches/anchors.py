@@ -27,7 +27,8 @@ from ..errors import UnsupportedPipelineError, require_extra
 from ..hooks import add_hook, attach, detach_if_empty, get_state, remove_hook
 from ..registry import Technique, register_technique
 from ..utils.logging import get_logger
-from .deepcache import _HookBase, _StepTracker
+from ..hooks import HookBase
+from .deepcache import StepTracker
 
 logger = get_logger(__name__)
 
@@ -137,13 +138,13 @@ class AnchorCacheDiTConfig:
 # diffusers cache hooks
 
 
-class _ContextHook(_HookBase):
+class _ContextHook(HookBase):
     """Sets diffusers' cache context around every denoiser forward (one name per call within a step)."""
 
     def __init__(self, pipe_state):
         super().__init__()
         self.st = pipe_state
-        self.tracker = _StepTracker()
+        self.tracker = StepTracker()
 
     def pre_forward(self, module, *args, **kwargs):
         from diffusers.hooks.hooks import CacheContext, _set_cache_context
@@ -203,7 +204,7 @@ def _install_diffusers_cache(pipe, name: str, config, diffusers_config, hook_nam
         add_hook(model, ctx, _CTX_HOOK)
 
     def on_call(p, kw):
-        ctx.tracker = _StepTracker()
+        ctx.tracker = StepTracker()
         HookRegistry.check_if_exists_or_initialize(model).reset_stateful_hooks(recurse=True)
         return kw
 

@@ -31,7 +31,8 @@ from ..errors import UnsupportedPipelineError
 from ..hooks import add_hook, attach, detach_if_empty, get_state, remove_hook
 from ..registry import Technique, register_technique
 from ..utils.logging import get_logger
-from .deepcache import _HookBase, _StepTracker
+from ..hooks import HookBase
+from .deepcache import StepTracker
 
 logger = get_logger(__name__)
 
@@ -118,7 +119,7 @@ class _State:
         self.new_call()
 
     def new_call(self) -> None:
-        self.tracker = _StepTracker()
+        self.tracker = StepTracker()
         self.ctxs: dict[int, _Ctx] = {}
         self.ctx = _Ctx()
         self.step = 0
@@ -202,7 +203,7 @@ def _io(args, kwargs, joint: bool):
     return h, e
 
 
-class _BlockHook(_HookBase):
+class _BlockHook(HookBase):
     """On block ``index``: records the head input, decides after the head, skips or records the span."""
 
     def __init__(self, state: _State, index: int, joint: bool):
@@ -246,7 +247,7 @@ class _BlockHook(_HookBase):
         return out
 
 
-class _ControllerHook(_HookBase):
+class _ControllerHook(HookBase):
     def __init__(self, state: _State):
         super().__init__()
         self.s = state

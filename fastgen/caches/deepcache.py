@@ -197,10 +197,7 @@ def _deep_modules(unet, branch: int) -> list[tuple[str, torch.nn.Module]]:
     return out
 
 
-_HookBase = HookBase  # blockcache and anchors import it from here
-
-
-class _StepTracker:
+class StepTracker:
     """Which denoiser call within the current step this is (0 = first; CFG run as two calls -> 0, 1)."""
 
     def __init__(self):
@@ -224,7 +221,7 @@ class _DeepCacheState:
         self.new_call()
 
     def new_call(self) -> None:
-        self.tracker = _StepTracker()
+        self.tracker = StepTracker()
         self.caches: dict[int, dict] = {}  # sub-call -> {hook key: output} of the last full step
         self.cache: dict = {}
         self.skipping = False
@@ -277,7 +274,7 @@ class _DeepCacheState:
         self.skipping = False
 
 
-class _ControllerHook(_HookBase):
+class _ControllerHook(HookBase):
     """On the UNet: decides, at every forward, whether this is a full or a reuse step."""
 
     def __init__(self, state: _DeepCacheState, pipe_scheduler_getter):
@@ -295,7 +292,7 @@ class _ControllerHook(_HookBase):
         return output
 
 
-class _ReuseHook(_HookBase):
+class _ReuseHook(HookBase):
     """On a deep module: keeps its output on full steps, hands it back without running on reuse steps."""
 
     def __init__(self, state: _DeepCacheState, key: str):

@@ -58,7 +58,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastgen.text import _bytes_to_unicode  # GPT-2's fixed byte table (the merges below stay frozen here)
+from fastgen.text import bytes_to_unicode  # GPT-2's fixed byte table (the merges below stay frozen here)
 from fastgen.utils.io import Resumable, check_same_config
 from fastgen.utils.logging import get_logger, log_to_stderr_with_time, quiet_diffusers
 from fastgen.zoo import AR_MODELS, DEFAULTS, MODELS, extra_call_kwargs, shapes
@@ -117,7 +117,7 @@ def _zoo_vocab_and_merges() -> tuple[dict[str, int], tuple[tuple[str, str], ...]
     (3 tokens) are not single tokens. 48 of the 552 prompts then exceed 16 tokens and are truncated (the
     pipeline logs a warning), but the truncated ids still identify every prompt uniquely.
     """
-    sym = list(_bytes_to_unicode().values())
+    sym = list(bytes_to_unicode().values())
     vocab: dict[str, int] = {}
     for x in sym:
         vocab.setdefault(x, len(vocab))
