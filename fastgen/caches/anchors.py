@@ -91,7 +91,9 @@ class AnchorDeepCacheConfig:
     """The ``DeepCache`` package (``DeepCacheSDHelper``) on SD/SDXL pipelines, as published.
 
     Attributes:
-        interval: ``cache_interval`` (default 3). branch: ``cache_branch_id`` (default 0).
+        interval: ``cache_interval`` (default 3).
+        branch: ``cache_branch_id`` (default 0).
+
     Known limits of the package (kept as is): it finds the step with ``scheduler.timesteps.index(t)``, so
     it fails when the timestep is passed as a keyword or is not in the schedule.
     """
@@ -113,9 +115,11 @@ class AnchorCacheDiTConfig:
             first ``fn_blocks`` blocks' residual under which the middle blocks are skipped. Higher = faster
             and lossier; 0.05-0.3 on trained models.
         fn_blocks: ``Fn_compute_blocks`` (default 1; cache-dit's 8 asserts on models with fewer than 9
-            blocks). bn_blocks: ``Bn_compute_blocks`` (default 0).
+            blocks).
+        bn_blocks: ``Bn_compute_blocks`` (default 0).
         warmup_steps: ``max_warmup_steps`` (default 8, cache-dit's): steps always computed at the start.
         max_continuous: ``max_continuous_cached_steps`` (default -1, no limit).
+
     What differs from ``blockcache:`` (ours): cache-dit accumulates the change over consecutive cached
     steps and compares the accumulated value with the threshold; ours compares the change since the
     last full step. cache-dit patches ``pipe.__class__.__call__``; fastgen gives the pipeline its own

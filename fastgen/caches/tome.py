@@ -426,7 +426,12 @@ register_technique(Technique(
 class TomesdConfig:
     """tomesd 0.1.3 as published (``tomesd.apply_patch(pipe, ratio=..., max_downsample=...)``): the comparison
     anchor for ``tome``. Needs ``pip install 'fastgen[anchors]'``. Note tomesd caps ratios above 0.75
-    silently and is a no-op on SDXL with max_downsample=1 (we raise for both instead)."""
+    silently and is a no-op on SDXL with max_downsample=1 (we raise for both instead).
+
+    Attributes:
+        ratio: tomesd's ``ratio``, the fraction of tokens merged (default 0.5). Range 0-0.75.
+        max_downsample: tomesd's ``max_downsample`` (default 1 = top level only; SDXL needs 2). Range 1-8.
+    """
 
     ratio: float = 0.5
     max_downsample: int = 1
