@@ -53,7 +53,7 @@ class GDConfig:
         student: folder of a student pipeline saved by ``python -m fastgen.distill.guidance`` (its
             ``pipeline/``), or a zoo student name (``"shapes-mmdit-gd"``). ``None`` (default): the zoo
             student of the zoo teacher the pipeline was loaded from. Speed: about 2x per step (one denoiser
-            pass instead of CFG's two); quality: the student's (the README's distillation table).
+            pass instead of CFG's two); quality: the student's (docs/results/distillation.md).
     """
 
     student: str | None = None

@@ -98,7 +98,9 @@ class AnchorDeepCacheConfig:
     """The ``DeepCache`` package (``DeepCacheSDHelper``) on SD/SDXL pipelines, as published.
 
     Attributes:
-        interval: ``cache_interval`` (default 3). branch: ``cache_branch_id`` (default 0).
+        interval: ``cache_interval`` (default 3).
+        branch: ``cache_branch_id`` (default 0).
+
     Known limits of the package (kept as is): it finds the step with ``scheduler.timesteps.index(t)``, so
     it fails when the timestep is passed as a keyword or is not in the schedule.
     """
@@ -120,9 +122,11 @@ class AnchorCacheDiTConfig:
             first ``fn_blocks`` blocks' residual under which the middle blocks are skipped. Higher = faster
             and lossier; 0.05-0.3 on trained models.
         fn_blocks: ``Fn_compute_blocks`` (default 1; cache-dit's 8 asserts on models with fewer than 9
-            blocks). bn_blocks: ``Bn_compute_blocks`` (default 0).
+            blocks).
+        bn_blocks: ``Bn_compute_blocks`` (default 0).
         warmup_steps: ``max_warmup_steps`` (default 8, cache-dit's): steps always computed at the start.
         max_continuous: ``max_continuous_cached_steps`` (default -1, no limit).
+
     What differs from ``blockcache:`` (ours): cache-dit accumulates the change over consecutive cached
     steps and compares the accumulated value with the threshold; ours compares the change since the
     last full step. cache-dit patches ``pipe.__class__.__call__``; fastgen gives the pipeline its own
@@ -566,7 +570,12 @@ register_technique(Technique(
 class TomesdConfig:
     """tomesd 0.1.3 as published (``tomesd.apply_patch(pipe, ratio=..., max_downsample=...)``): the comparison
     anchor for ``tome``. Needs ``pip install 'fastgen[anchors]'``. Note tomesd caps ratios above 0.75
-    silently and is a no-op on SDXL with max_downsample=1 (we raise for both instead)."""
+    silently and is a no-op on SDXL with max_downsample=1 (we raise for both instead).
+
+    Attributes:
+        ratio: tomesd's ``ratio``, the fraction of tokens merged (default 0.5). Range 0-0.75.
+        max_downsample: tomesd's ``max_downsample`` (default 1 = top level only; SDXL needs 2). Range 1-8.
+    """
 
     ratio: float = 0.5
     max_downsample: int = 1

@@ -105,7 +105,7 @@ class RASConfig:
         metric: per-token focus score of the last model output: ``"std"`` (std over channels, averaged
             over the patch's pixels; the reference's default) or ``"l2norm"``.
         rule: which tokens are recomputed: ``"high"`` (highest focus score; the best rule on the trained
-            shapes-mmdit, see the README), ``"low"`` (lowest),
+            shapes-mmdit, see docs/techniques/ras.md), ``"low"`` (lowest),
             ``"ends"`` (``high_fraction`` of them from the top of the ranking, the rest from the bottom) or
             ``"middle"`` (the reference's SD3 script: the *skipped* tokens are taken from both ends,
             ``high_fraction`` of them from the top, and the middle band is recomputed). Default ``"high"``.
@@ -114,7 +114,7 @@ class RASConfig:
         starvation: fairness: a token's recompute priority is ``log(score) + starvation * s`` where ``s``
             is the number of steps since it was last recomputed (``"high"``: the score; ``"low"``: minus
             it), so no region is frozen for long. Default 0.5 (best of 0-5 on the shipped shapes-mmdit:
-            +6.3 dB (ratio 0.5) and +2.7 dB (ratio 0.25) PSNR over 0; see the README table). Large values
+            +6.3 dB (ratio 0.5) and +2.7 dB (ratio 0.25) PSNR over 0; see docs/results/ras.md). Large values
             (>= 2) make it a focus-ordered round robin. 0 disables. Range 0.3-1.
         share: who shares one token selection: ``"cfg"`` (the conditional/unconditional rows of a prompt;
             default), ``"sample"`` (each row) or ``"batch"`` (the whole batch).
