@@ -30,8 +30,9 @@ from pathlib import Path
 
 import torch
 
-from fastgen.errors import FastgenError, UnsupportedPipelineError
-from fastgen.hooks import HookBase, add_hook, attach, detach_if_empty, get_state, remove_hook
+from fastgen.errors import FastgenError
+from fastgen.api import apply_technique, remove_technique
+from fastgen.hooks import HookBase, add_hook, remove_hook
 from fastgen.registry import Technique, register_technique
 from fastgen.utils.logging import get_logger
 
@@ -52,7 +53,7 @@ class GDConfig:
         student: folder of a student pipeline saved by ``python -m fastgen.distill.guidance`` (its
             ``pipeline/``), or a zoo student name (``"shapes-mmdit-gd"``). ``None`` (default): the zoo
             student of the zoo teacher the pipeline was loaded from. Speed: about 2x per step (one denoiser
-            pass instead of CFG's two); quality: the student's (the README's distillation table).
+            pass instead of CFG's two); quality: the student's (docs/results/distillation.md).
     """
 
     student: str | None = None
@@ -155,87 +156,39 @@ class _CondHalfHook(HookBase):
         return repeat_output(out)
 
 
-def apply_gd(pipe, config: GDConfig | None = None):
-    """Swap in the guidance-distilled student (see the module docstring); returns ``pipe``. Safe to call twice."""
-    config = config or GDConfig()
-    if not isinstance(config, GDConfig):
-        raise TypeError(f"apply_gd expects a GDConfig, got {type(config).__name__}")
-    st = get_state(pipe)
-    if st is not None and _NAME in st.applied:
-        if st.applied[_NAME] == config:
-            return pipe
-        remove_gd(pipe)
-        st = get_state(pipe)
-    others = _lift_others(pipe)  # they patch the denoiser being swapped: taken off, then put back on the student
-    try:
-        _swap_in(pipe, config)
-    finally:
-        _restore_others(pipe, others)
-    return pipe
-
-
-def _lift_others(pipe) -> list:
-    """Remove every other applied technique (reverse order); returns their configs in application order."""
-    from fastgen.registry import get_technique
-
-    st = get_state(pipe)
-    others = [(n, c) for n, c in (st.applied if st is not None else {}).items() if n != _NAME]
-    for n, _ in reversed(others):
-        get_technique(n).remove(pipe)
-    return [c for _, c in others]
-
-
-def _restore_others(pipe, configs: list) -> None:
-    if configs:
-        from fastgen.api import accelerate
-
-        accelerate(pipe, *configs)
-
-
-def _swap_in(pipe, config: GDConfig) -> None:
-    from fastgen.adapters import get_adapter
-
-    adapter = get_adapter(pipe)
-    if adapter.family not in FAMILIES:
-        raise UnsupportedPipelineError(f"gd supports {', '.join(FAMILIES)} pipelines, not {type(pipe).__name__}")
-    attr = "transformer" if adapter.family == "sd3" else "unet"
+def _install(pipe, st, config: GDConfig) -> dict:
+    """Swap the student in (the core has lifted every other technique off and puts them back on it)."""
+    attr = "transformer" if st.adapter.family == "sd3" else "unet"
     teacher = getattr(pipe, attr)
     path = find_student(pipe, config)
     student = _load_student(path, attr, teacher)
-    _check_student(student, teacher, adapter.family, path)
+    _check_student(student, teacher, st.adapter.family, path)
     setattr(pipe, attr, student)  # pipe.components / offloading see the same attribute
-    st = attach(pipe)  # the step counter goes on the student
     hook = None
-    if adapter.family == "sd3":
+    if st.adapter.family == "sd3":
         hook = _CondHalfHook(pipe)
         add_hook(student, hook, _HOOK)
-    st.applied[_NAME] = config
-    st.saved[_NAME] = {"attr": attr, "teacher": teacher, "student": student, "hook": hook, "path": str(path)}
     logger.info("gd: %s.%s <- %s", type(pipe).__name__, attr, path)
+    return {"attr": attr, "teacher": teacher, "student": student, "hook": hook, "path": str(path)}
+
+
+def _uninstall(pipe, st, saved: dict) -> None:
+    if saved["hook"] is not None:
+        remove_hook(saved["student"], _HOOK)
+    setattr(pipe, saved["attr"], saved["teacher"])
+
+
+def apply_gd(pipe, config: GDConfig | None = None):
+    """Swap in the guidance-distilled student (see the module docstring); returns ``pipe``. Safe to call twice."""
+    return apply_technique(pipe, _NAME, config)
 
 
 def remove_gd(pipe):
     """Put the teacher's denoiser back (no-op if ``gd`` is not applied). Returns ``pipe``."""
-    st = get_state(pipe)
-    if st is None or _NAME not in st.applied:
-        return pipe
-    others = _lift_others(pipe)  # they patch the student: moved back onto the teacher's denoiser
-    st = get_state(pipe)
-    saved = st.saved.pop(_NAME)
-    del st.applied[_NAME]
-    if saved["hook"] is not None:
-        remove_hook(saved["student"], _HOOK)
-    detach_if_empty(pipe)  # the step counter leaves the student
-    setattr(pipe, saved["attr"], saved["teacher"])
-    _restore_others(pipe, others)
-    return pipe
+    return remove_technique(pipe, _NAME)
 
 
-def _summary(pipe) -> dict:
-    st = get_state(pipe)
-    saved = st.saved.get(_NAME) if st is not None else None
-    if not saved:
-        return {}
+def _summary(pipe, saved: dict) -> dict:
     hook = saved["hook"]
     return {"student": saved["path"], "half_batch_calls": hook.halved if hook is not None else None}
 
@@ -250,15 +203,14 @@ def _to_string(c: GDConfig) -> str:
 
 
 def _check(pipe, adapter, config: GDConfig) -> None:
-    if adapter.family in FAMILIES:
-        find_student(pipe, config)  # a missing student is reported before anything is patched
+    find_student(pipe, config)  # a missing student is reported before anything is patched
 
 
 _CFG_CLASH = "gd already runs one conditional pass per step; cfg-interval has nothing left to skip"
 
 register_technique(Technique(
-    name=_NAME, config_cls=GDConfig, parse=_parse, apply=apply_gd, remove=remove_gd, to_string=_to_string,
-    check=_check, families=FAMILIES, summary=_summary, order=-10,
+    name=_NAME, config_cls=GDConfig, parse=_parse, to_string=_to_string, install=_install, uninstall=_uninstall,
+    check=_check, families=FAMILIES, summary=_summary, order=-10, replaces_denoiser=True,
     help="swap in a guidance-distilled student: one denoiser pass per step instead of CFG's two",
     example="gd",
     incompatible={"cfg-interval": _CFG_CLASH},

@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from .errors import RecipeError
-from .hooks import HookBase, add_hook, attach, detach_if_empty, get_state, remove_hook
+from .api import apply_technique, remove_technique
+from .hooks import HookBase, add_hook, get_state, remove_hook
 from .registry import Technique, register_technique
 
 __all__ = ["CFGIntervalConfig", "apply_cfg_interval", "remove_cfg_interval"]
@@ -130,35 +131,29 @@ class _IntervalHook(HookBase):
         return repeat_output(self.fn_ref.original_forward(*cond_half(args, n), **cond_half(kwargs, n)))
 
 
+def _install(pipe, state, config: CFGIntervalConfig) -> tuple:
+    denoiser = state.adapter.denoiser(pipe)
+    hook = _IntervalHook(pipe, config)
+    add_hook(denoiser, hook, _HOOK)
+    return denoiser, hook
+
+
+def _uninstall(pipe, state, handle: tuple) -> None:
+    remove_hook(handle[0], _HOOK)
+
+
 def apply_cfg_interval(pipe, config: CFGIntervalConfig | None = None):
     """Guide only the steps in ``[config.start, config.end)``; returns ``pipe``. Safe to call twice."""
-    config = config or CFGIntervalConfig()
-    if not isinstance(config, CFGIntervalConfig):
-        raise TypeError(f"apply_cfg_interval expects a CFGIntervalConfig, got {type(config).__name__}")
-    st = attach(pipe)
-    denoiser = st.adapter.denoiser(pipe)
-    add_hook(denoiser, _IntervalHook(pipe, config), _HOOK)
-    st.applied[_NAME] = config
-    st.saved[_NAME] = denoiser
-    return pipe
+    return apply_technique(pipe, _NAME, config)
 
 
 def remove_cfg_interval(pipe):
     """Undo :func:`apply_cfg_interval` (no-op if not applied). Returns ``pipe``."""
-    st = get_state(pipe)
-    if st is not None and _NAME in st.applied:
-        remove_hook(st.saved.pop(_NAME), _HOOK)
-        del st.applied[_NAME]
-        detach_if_empty(pipe)
-    return pipe
+    return remove_technique(pipe, _NAME)
 
 
-def _summary(pipe) -> dict:
-    st = get_state(pipe)
-    den = st.saved.get(_NAME) if st is not None else None
-    reg = getattr(den, "_diffusers_hook", None)
-    hook = reg.hooks.get(_HOOK) if reg is not None else None
-    return {"unguided_calls": hook.skipped if hook is not None else 0}
+def _summary(pipe, handle: tuple) -> dict:
+    return {"unguided_calls": handle[1].skipped}
 
 
 def _parse(args: str | None) -> CFGIntervalConfig:
@@ -182,7 +177,7 @@ def _to_string(c: CFGIntervalConfig) -> str:
 _CACHE_CLASH = "cfg-interval halves the denoiser batch on some steps; step caches keep per-batch state"
 
 register_technique(Technique(
-    name=_NAME, config_cls=CFGIntervalConfig, parse=_parse, apply=apply_cfg_interval, remove=remove_cfg_interval,
+    name=_NAME, config_cls=CFGIntervalConfig, parse=_parse, install=_install, uninstall=_uninstall,
     to_string=_to_string, families=FAMILIES, summary=_summary,
     help="classifier-free guidance only on the first END fraction of the steps (conditional-only after)",
     example="cfg-interval:0.6",

@@ -31,7 +31,8 @@ from .utils.logging import get_logger
 
 logger = get_logger(__name__)
 
-__all__ = ["CallState", "PipelineState", "HookBase", "add_hook", "remove_hook", "attach", "detach_if_empty", "get_state"]
+__all__ = ["CallState", "PipelineState", "HookBase", "add_hook", "remove_hook", "attach", "detach_if_empty", "get_state",
+           "retarget_step_counter", "HookSet", "uninstall_hooks"]
 
 _STATE_ATTR = "_fastgen"
 _COUNTER_HOOK = "fastgen_step_counter"
@@ -103,6 +104,30 @@ def remove_hook(module: torch.nn.Module, name: str) -> None:
             del module.forward  # the registry left the plain bound method on the instance
         if module.__dict__.pop("_fastgen_created_registry", False):
             del module._diffusers_hook
+
+
+class HookSet:
+    """The hooks one technique installed, as its ``install`` handle: :meth:`add` registers a hook (through
+    :func:`add_hook`) and remembers it, :meth:`remove_all` takes them all off again (newest first).
+    ``state`` carries the technique's own runtime object (for its ``on_call``/``summary``)."""
+
+    def __init__(self, state: Any = None):
+        self.state = state
+        self.entries: list[tuple[torch.nn.Module, str]] = []
+
+    def add(self, module: torch.nn.Module, hook, name: str) -> None:
+        add_hook(module, hook, name)
+        self.entries.append((module, name))
+
+    def remove_all(self) -> None:
+        for module, name in reversed(self.entries):
+            remove_hook(module, name)
+        self.entries.clear()
+
+
+def uninstall_hooks(pipe, state, handle: HookSet) -> None:
+    """A technique ``uninstall`` for techniques whose handle is a :class:`HookSet`."""
+    handle.remove_all()
 
 
 @dataclass
@@ -276,6 +301,20 @@ def attach(pipe) -> PipelineState:
     setattr(pipe, _STATE_ATTR, st)
     pipe.__class__ = _wrapped_class(base)
     return st
+
+
+def retarget_step_counter(pipe) -> None:
+    """Move the step counter onto ``pipe``'s current denoiser (after a technique swapped the denoiser)."""
+    st = get_state(pipe)
+    if st is None:
+        return
+    denoiser = st.adapter.denoiser(pipe)
+    if st.counter_on is denoiser:
+        return
+    if st.counter_on is not None:
+        remove_hook(st.counter_on, _COUNTER_HOOK)
+    add_hook(denoiser, _StepCounterHook(st), _COUNTER_HOOK)
+    st.counter_on = denoiser
 
 
 def detach_if_empty(pipe) -> None:

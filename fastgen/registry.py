@@ -1,10 +1,15 @@
 """The technique registry and recipe strings.
 
 Every capability plugs in with :func:`register_technique`: a name (the recipe prefix), its config
-dataclass, a parser for the text after the colon, and its ``apply``/``remove`` pair. Packages register
-themselves on import; the modules listed in :data:`PLUGIN_MODULES` are imported the first time the
-registry is read, so ``fastgen.parse_recipe("sampler:dpm++2m@8")`` works without importing ``samplers``
-by hand.
+dataclass, a parser for the text after the colon, and its ``install``/``uninstall`` pair. The core
+(:mod:`fastgen.api`) owns the rest of the life cycle: it validates, records what is applied, orders it,
+rolls back a failed apply, removes and reports.
+
+Techniques are discovered through package entry points: every entry of the ``fastgen.techniques`` group
+(``[project.entry-points."fastgen.techniques"]`` in a ``pyproject.toml``) names a module that registers its
+techniques when imported, or a :class:`Technique` object. They are loaded the first time the registry is
+read, so ``fastgen.parse_recipe("sampler:dpm++2m@8")`` works without importing ``fastgen.samplers`` by hand,
+and a third-party package adds a technique without editing fastgen.
 
 Recipe grammar: ``name[:args]`` joined by ``+`` (``"ras:0.5+tome:0.5"``); ``"baseline"``/``"none"``/``""``
 is the empty recipe.
@@ -12,8 +17,8 @@ is the empty recipe.
 
 from __future__ import annotations
 
-import importlib
 import re
+from importlib import metadata
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -23,10 +28,10 @@ from .utils.logging import get_logger
 logger = get_logger(__name__)
 
 __all__ = ["Technique", "register_technique", "get_technique", "list_techniques", "parse_recipe",
-           "technique_for_config", "recipe_string", "PLUGIN_MODULES"]
+           "technique_for_config", "recipe_string", "ENTRY_POINT_GROUP", "technique_entry_points"]
 
-#: Modules that register techniques when imported (later capabilities add theirs here).
-PLUGIN_MODULES: list[str] = ["fastgen.steps", "fastgen.guidance", "fastgen.samplers", "fastgen.caches.tome", "fastgen.caches.stepcache", "fastgen.caches.anchors", "fastgen.caches.ras", "fastgen.quant.recipe", "fastgen.ar.accel", "fastgen.distill.recipe", "fastgen.quant.mobile", "fastgen.samplers.schedule", "fastgen.samplers.skip_tuning"]
+#: The package entry-point group techniques are discovered through.
+ENTRY_POINT_GROUP = "fastgen.techniques"
 
 _BASELINE = {"", "baseline", "none"}
 # '+' joins techniques only where a technique name follows ("dpm++2m" keeps its pluses)
@@ -35,18 +40,27 @@ _SPLIT = re.compile(r"\+(?=\s*[A-Za-z_][\w\-]*\s*(?::|\+|$))")
 
 @dataclass(frozen=True)
 class Technique:
-    """A registered acceleration technique.
+    """A registered acceleration technique: what it is called, its config, and how to patch and unpatch it.
+
+    The technique itself only patches; :func:`fastgen.accelerate` / :func:`fastgen.api.apply_technique` do
+    the rest once, for every technique: type and family checks, ``check``, stacking rules, ordering,
+    recording the config and the handle on the pipeline, the per-call hook, rollback when ``install``
+    raises, ``summary`` and removal (reverse order, bit-exact).
 
     Attributes:
         name: recipe prefix (``"sampler"``, ``"tome"``, ...).
         config_cls: its config dataclass.
         parse: turns the text after ``name:`` (or None) into a config; raises ``RecipeError``/``ValueError``.
-        apply: ``apply(pipe, config) -> pipe`` (the public ``apply_x``; must be safe to call twice).
-        remove: ``remove(pipe) -> pipe`` (the public ``remove_x``; restores bit-exactly).
         to_string: config -> recipe string (inverse of ``parse``), for reports.
+        install: ``install(pipe, state, config) -> handle`` patches ``pipe`` (``state`` is its
+            :class:`fastgen.hooks.PipelineState`; ``state.adapter`` knows the family) and returns whatever
+            ``uninstall`` needs. Only called on a pipeline where the technique is not installed.
+        uninstall: ``uninstall(pipe, state, handle)`` undoes ``install`` bit-exactly.
+        on_call: optional ``on_call(pipe, handle, kwargs) -> kwargs``, run at the start of every pipeline
+            call (reset per-call state, change the call's arguments such as ``num_inference_steps``).
+        summary: optional ``summary(pipe, handle) -> dict`` of what it did on the last call.
         check: optional ``check(pipe, adapter, config)`` that raises before anything is patched.
         families: adapter families it supports (None: all).
-        summary: optional ``summary(pipe) -> dict`` of what it did on the last call.
         help: one line for ``fastgen info`` and error messages.
         example: an example recipe string.
         incompatible: ``{other technique name: reason}`` pairs that cannot stack (checked both ways, against
@@ -55,22 +69,30 @@ class Technique:
         stacks_with: with ``incompatible={"*": reason}``, the techniques that may still stack with it.
         order: where it goes within one ``accelerate`` call (lower first; stable otherwise). Techniques
             that replace a component (``gd``) use a negative order so the others patch the new one.
+        family_hint: appended to the error for an unsupported family (what to use there instead); a dict
+            gives one per family (``"*"``: the others).
+        replaces_denoiser: ``install`` swaps the pipeline's denoiser module for another one. The core then
+            takes every other applied technique off first and puts it back afterwards (so they patch the
+            new denoiser), on install and on uninstall alike.
     """
 
     name: str
     config_cls: type
     parse: Callable[[str | None], Any]
-    apply: Callable[..., Any]
-    remove: Callable[..., Any]
     to_string: Callable[[Any], str]
+    install: Callable[[Any, Any, Any], Any]
+    uninstall: Callable[[Any, Any, Any], None]
+    on_call: Callable[[Any, Any, dict], dict] | None = None
+    summary: Callable[[Any, Any], dict] | None = None
     check: Callable[..., None] | None = None
     families: tuple[str, ...] | None = None
-    summary: Callable[[Any], dict] | None = None
     help: str = ""
     example: str = ""
     incompatible: dict[str, str] | None = None
     order: int = 0
     stacks_with: tuple[str, ...] = ()
+    family_hint: str | dict[str, str] = ""
+    replaces_denoiser: bool = False
 
 
 _REGISTRY: dict[str, Technique] = {}
@@ -78,9 +100,18 @@ _loaded = False
 
 
 def register_technique(technique: Technique) -> Technique:
-    """Add ``technique`` to the registry (re-registering the same name replaces it)."""
+    """Add ``technique`` to the registry (re-registering the same name replaces it). Returns it."""
+    if not isinstance(technique, Technique):
+        raise TypeError(f"register_technique expects a fastgen.Technique, got {type(technique).__name__}")
+    if not (callable(technique.install) and callable(technique.uninstall)):
+        raise TypeError(f"technique {technique.name!r} needs callable install and uninstall functions")
     _REGISTRY[technique.name] = technique
     return technique
+
+
+def technique_entry_points() -> list[metadata.EntryPoint]:
+    """The installed entry points of the ``fastgen.techniques`` group (fastgen's own and third parties')."""
+    return sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name)
 
 
 def _load_plugins() -> None:
@@ -88,11 +119,23 @@ def _load_plugins() -> None:
     if _loaded:
         return
     _loaded = True
-    for mod in PLUGIN_MODULES:
+    eps = technique_entry_points()
+    if not eps:
+        logger.warning("no %r entry points found: fastgen's techniques are registered through its package "
+                       "metadata; install it (pip install -e .) instead of running it from a bare source tree",
+                       ENTRY_POINT_GROUP)
+    for ep in eps:
         try:
-            importlib.import_module(mod)
+            obj = ep.load()
         except ImportError as e:  # a plugin with a missing optional dependency must not break the core
-            logger.debug("technique plugin %s not loaded: %s", mod, e)
+            logger.debug("technique plugin %s (%s) not loaded: %s", ep.name, ep.value, e)
+            continue
+        except Exception as e:  # a broken third-party plugin neither
+            logger.warning("technique plugin %s (%s) failed to load and is skipped: %s: %s", ep.name, ep.value,
+                           type(e).__name__, e)
+            continue
+        if isinstance(obj, Technique):
+            register_technique(obj)
 
 
 def list_techniques() -> list[Technique]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .hooks import attach, detach_if_empty, get_state
+from .api import apply_technique, remove_technique
 from .adapters import DIFFUSION_FAMILIES
 from .registry import Technique, register_technique
 
@@ -34,30 +34,26 @@ class StepsConfig:
             raise ValueError(f"num_inference_steps must be a positive integer, got {self.num_inference_steps!r}")
 
 
-def _on_call(pipe, kwargs: dict) -> dict:
-    cfg: StepsConfig = get_state(pipe).applied[_NAME]
-    return {**kwargs, "num_inference_steps": cfg.num_inference_steps}
+def _install(pipe, state, config: StepsConfig) -> StepsConfig:
+    return config  # nothing to patch: the per-call hook sets the step count
+
+
+def _uninstall(pipe, state, config: StepsConfig) -> None:
+    pass
+
+
+def _on_call(pipe, config: StepsConfig, kwargs: dict) -> dict:
+    return {**kwargs, "num_inference_steps": config.num_inference_steps}
 
 
 def apply_steps(pipe, config: StepsConfig | None = None):
     """Make every call of ``pipe`` run ``config.num_inference_steps`` steps. Returns ``pipe``."""
-    config = config or StepsConfig()
-    if not isinstance(config, StepsConfig):
-        raise TypeError(f"apply_steps expects a StepsConfig, got {type(config).__name__}")
-    st = attach(pipe)
-    st.applied[_NAME] = config
-    st.call_hooks[_NAME] = _on_call
-    return pipe
+    return apply_technique(pipe, _NAME, config)
 
 
 def remove_steps(pipe):
     """Undo :func:`apply_steps` (no-op if not applied). Returns ``pipe``."""
-    st = get_state(pipe)
-    if st is not None and _NAME in st.applied:
-        del st.applied[_NAME]
-        st.call_hooks.pop(_NAME, None)
-        detach_if_empty(pipe)
-    return pipe
+    return remove_technique(pipe, _NAME)
 
 
 def _parse(args: str | None) -> StepsConfig:
@@ -67,7 +63,7 @@ def _parse(args: str | None) -> StepsConfig:
 
 
 register_technique(Technique(
-    name=_NAME, config_cls=StepsConfig, parse=_parse, apply=apply_steps, remove=remove_steps,
+    name=_NAME, config_cls=StepsConfig, parse=_parse, install=_install, uninstall=_uninstall, on_call=_on_call,
     to_string=lambda c: f"steps:{c.num_inference_steps}", families=DIFFUSION_FAMILIES,
     help="the pipeline's own sampler at N steps (the control row every accelerator must beat)", example="steps:8",
 ))

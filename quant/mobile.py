@@ -39,7 +39,8 @@ import torch
 import torch.nn as nn
 
 from fastgen.errors import FastgenError, RecipeError, require_extra
-from fastgen.hooks import HookBase, add_hook, attach, detach_if_empty, get_state, remove_hook
+from fastgen.api import apply_technique, handle_of, remove_technique
+from fastgen.hooks import HookBase, add_hook, remove_hook
 from fastgen.registry import Technique, register_technique
 from fastgen.utils.logging import get_logger
 
@@ -245,21 +246,14 @@ def _fingerprint(model: nn.Module, config: ExecuTorchConfig) -> tuple:
     return (id(model), config, params, structure)
 
 
-def apply_executorch(pipe, config: ExecuTorchConfig | None = None):
-    """Run ``pipe``'s denoiser through ExecuTorch programs (see the module docstring); safe to call twice.
-
-    Raises:
-        MissingExtraError: executorch/torchao not installed (``pip install 'fastgen[mobile]'``).
-        ExportError: (on the first call) a layer or op of the denoiser that cannot be exported, named.
-    """
-    config = config or ExecuTorchConfig()
+def _check(pipe, adapter, config: ExecuTorchConfig) -> None:
     require_extra("executorch", "mobile", "the executorch recipe (mobile target)")
     from .deploy import require_torchao
 
     require_torchao()
-    st = get_state(pipe)
-    if st is not None and _NAME in st.applied:
-        remove_executorch(pipe)
+
+
+def _install(pipe, st, config: ExecuTorchConfig) -> tuple:
     model = get_denoiser(pipe)
     key = _fingerprint(model, config)
     if key in _CACHE:
@@ -274,30 +268,36 @@ def apply_executorch(pipe, config: ExecuTorchConfig | None = None):
             _CACHE.popitem(last=False)
     hook = _ExecuTorchHook(config, float_model, ints, workdir, type(model).__name__, programs)
     add_hook(model, hook, _HOOK)
-    st = attach(pipe)
-    st.applied[_NAME] = config
-    st.saved[_NAME] = (model, hook)
-    return pipe
+    return model, hook
+
+
+def _uninstall(pipe, st, handle: tuple) -> None:
+    remove_hook(handle[0], _HOOK)
+
+
+def apply_executorch(pipe, config: ExecuTorchConfig | None = None):
+    """Run ``pipe``'s denoiser through ExecuTorch programs (see the module docstring); safe to call twice.
+
+    Raises:
+        MissingExtraError: executorch/torchao not installed (``pip install 'fastgen[mobile]'``).
+        ExportError: (on the first call) a layer or op of the denoiser that cannot be exported, named.
+    """
+    return apply_technique(pipe, _NAME, config)
 
 
 def remove_executorch(pipe):
     """Undo :func:`apply_executorch`: the denoiser's own forward again (its weights were never touched)."""
-    st = get_state(pipe)
-    if st is None or _NAME not in st.applied:
-        return pipe
-    model, _ = st.saved.pop(_NAME)
-    remove_hook(model, _HOOK)
-    st.applied.pop(_NAME, None)
-    detach_if_empty(pipe)
-    return pipe
+    return remove_technique(pipe, _NAME)
 
 
 def executorch_summary(pipe) -> dict:
     """Programs built (inputs, size, export time, error vs PyTorch) and runtime calls so far."""
-    st = get_state(pipe)
-    if st is None or _NAME not in st.saved:
-        return {}
-    _, hook = st.saved[_NAME]
+    handle = handle_of(pipe, _NAME)
+    return {} if handle is None else _summary(pipe, handle)
+
+
+def _summary(pipe, handle: tuple) -> dict:
+    hook = handle[1]
     s = hook.stats
     return {"bits": hook.config.bits, "programs": [p.info for p in hook.programs.values()], "calls": s.calls,
             "samples": s.samples,
@@ -305,8 +305,8 @@ def executorch_summary(pipe) -> dict:
 
 
 register_technique(Technique(
-    name=_NAME, config_cls=ExecuTorchConfig, parse=_parse, apply=apply_executorch, remove=remove_executorch,
-    to_string=lambda c: c.to_string(), summary=executorch_summary,
+    name=_NAME, config_cls=ExecuTorchConfig, parse=_parse, install=_install, uninstall=_uninstall, check=_check,
+    to_string=lambda c: c.to_string(), summary=_summary,
     help="the mobile target: the denoiser runs as an ExecuTorch XNNPACK program (8-bit dynamic activations with "
          "8/4-bit weights, or fp32), one sample per call (needs the mobile extra)",
     example="executorch:w8",

@@ -21,7 +21,7 @@ pipeline bit-exactly.
 from __future__ import annotations
 
 from pathlib import Path
-from fastgen.hooks import attach, detach_if_empty, get_state
+from fastgen.api import apply_technique, remove_technique
 from fastgen.registry import Technique, register_technique
 
 from .deploy import Int8Config
@@ -46,15 +46,10 @@ def _shipped_file(pipe, config: QALoRAConfig) -> Path | None:
     return f if f.exists() else None
 
 
-def apply_qalora_recipe(pipe, config: QALoRAConfig | None = None):
-    """Quantize ``pipe``'s denoiser with ``config`` (see the module docstring); safe to call twice."""
+def _install_qalora(pipe, st, config: QALoRAConfig) -> None:
     from .calibration import capture_calibration
     from .ptq import quantize
 
-    config = config or QALoRAConfig()
-    st = get_state(pipe)
-    if st is not None and _NAME in st.applied:
-        remove_qalora_recipe(pipe)
     shipped = _shipped_file(pipe, config)
     if shipped is not None:
         quantize(pipe, config, checkpoint=str(shipped))
@@ -67,19 +62,20 @@ def apply_qalora_recipe(pipe, config: QALoRAConfig | None = None):
             calib = capture_calibration(pipe, prompts, num_inference_steps=CALIBRATION_STEPS,
                                         batch_size=CALIBRATION_PROMPTS)
         quantize(pipe, config, calibration=calib)
-    st = attach(pipe)
-    st.applied[_NAME] = config
-    return pipe
+
+
+def _uninstall_qalora(pipe, st, handle: None) -> None:
+    remove_qalora(pipe)
+
+
+def apply_qalora_recipe(pipe, config: QALoRAConfig | None = None):
+    """Quantize ``pipe``'s denoiser with ``config`` (see the module docstring); safe to call twice."""
+    return apply_technique(pipe, _NAME, config)
 
 
 def remove_qalora_recipe(pipe):
     """Undo :func:`apply_qalora_recipe` (bit-exact)."""
-    remove_qalora(pipe)
-    st = get_state(pipe)
-    if st is not None:
-        st.applied.pop(_NAME, None)
-        detach_if_empty(pipe)
-    return pipe
+    return remove_technique(pipe, _NAME)
 
 
 def _call_params(pipe) -> set[str]:
@@ -93,8 +89,9 @@ def _class_conditional(pipe) -> bool:
 
 
 register_technique(Technique(
-    name=_NAME, config_cls=QALoRAConfig, parse=QALoRAConfig.from_string, apply=apply_qalora_recipe,
-    remove=remove_qalora_recipe, to_string=lambda c: f"{_NAME}:{c.to_string()}", summary=qalora_summary,
+    name=_NAME, config_cls=QALoRAConfig, parse=QALoRAConfig.from_string, install=_install_qalora,
+    uninstall=_uninstall_qalora, to_string=lambda c: f"{_NAME}:{c.to_string()}",
+    summary=lambda pipe, handle: qalora_summary(pipe),
     help="low-bit quantization of the denoiser (EfficientDM QALoRA; fake-quant; PTQ-calibrated unless a "
          "fine-tuned file is shipped)",
     example="qalora:w8a8",
@@ -108,7 +105,7 @@ register_technique(Technique(
 _INT8 = "int8"
 
 
-def apply_int8_recipe(pipe, config=None):
+def _install_int8(pipe, st, config: Int8Config) -> bool:
     """Convert ``pipe``'s denoiser Linear layers to real int8 kernels (:func:`quant.to_int8`).
 
     ``int8:static`` on a pipeline that is not QALoRA/PTQ-quantized first runs the same quick data-free
@@ -121,10 +118,6 @@ def apply_int8_recipe(pipe, config=None):
     from .ptq import quantize
     from .qalora import is_quantized
 
-    config = config or Int8Config()
-    st = get_state(pipe)
-    if st is not None and _INT8 in st.applied:
-        remove_int8_recipe(pipe)
     own = False
     if config.mode == "static" and not is_quantized(pipe):
         from fastgen.zoo import shapes
@@ -141,36 +134,37 @@ def apply_int8_recipe(pipe, config=None):
             remove_qalora(pipe)
         raise
     int8_state(pipe).extra["own_qalora"] = own
-    st = attach(pipe)
-    st.applied[_INT8] = config
-    return pipe
+    return own
+
+
+def _uninstall_int8(pipe, st, own: bool) -> None:
+    """Undo :func:`_install_int8` (bit-exact; also removes the calibration it made itself)."""
+    from .deploy import remove_int8
+
+    remove_int8(pipe)
+    if own:
+        remove_qalora(pipe)
+
+
+def apply_int8_recipe(pipe, config: Int8Config | None = None):
+    """Convert ``pipe``'s denoiser Linear layers to real int8 kernels (see :func:`_install_int8`). Returns ``pipe``."""
+    return apply_technique(pipe, _INT8, config)
 
 
 def remove_int8_recipe(pipe):
     """Undo :func:`apply_int8_recipe` (bit-exact; also removes the calibration it made itself)."""
-    from .deploy import int8_state, remove_int8
-
-    ist = int8_state(pipe)
-    own = bool(ist is not None and ist.extra.get("own_qalora"))
-    remove_int8(pipe)
-    if own:
-        remove_qalora(pipe)
-    st = get_state(pipe)
-    if st is not None:
-        st.applied.pop(_INT8, None)
-        detach_if_empty(pipe)
-    return pipe
+    return remove_technique(pipe, _INT8)
 
 
-def _int8_summary(pipe):
+def _int8_summary(pipe, own: bool):
     from .deploy import int8_summary
 
     return int8_summary(pipe)
 
 
 register_technique(Technique(
-    name=_INT8, config_cls=Int8Config, parse=Int8Config.from_string, apply=apply_int8_recipe,
-    remove=remove_int8_recipe, to_string=lambda c: f"{_INT8}:{c.to_string()}", summary=_int8_summary,
+    name=_INT8, config_cls=Int8Config, parse=Int8Config.from_string, install=_install_int8,
+    uninstall=_uninstall_int8, to_string=lambda c: f"{_INT8}:{c.to_string()}", summary=_int8_summary,
     help="real int8 kernels for the denoiser's Linear layers (torch._int_mm / torchao; dynamic per-token or "
          "static learned per-timestep activation scales; torch.compile'd blocks)",
     example="int8:dynamic",

@@ -11,7 +11,7 @@ Proportional Leap.
 >>> import samplers
 >>> samplers.list()                                      # doctest: +SKIP
 ['ddim', 'dpm++2m', 'dpm++2m-karras', 'euler', 'heun', 'lpl', 'pseudo-corrector', 'unipc']
->>> samplers.set_sampler(pipe, "dpm++2m", steps=8)       # doctest: +SKIP
+>>> samplers.apply_sampler(pipe, "dpm++2m", steps=8)       # doctest: +SKIP
 >>> samplers.remove_sampler(pipe)                        # the original scheduler object comes back
 """
 
@@ -21,13 +21,14 @@ from dataclasses import dataclass
 from typing import Callable
 
 from fastgen.adapters import DIFFUSION_FAMILIES
-from fastgen.hooks import HookBase, add_hook, attach, detach_if_empty, get_state, remove_hook
+from fastgen.api import apply_technique, handle_of, remove_technique
+from fastgen.hooks import HookBase, add_hook, remove_hook
 from fastgen.registry import Technique, register_technique
 from fastgen.utils.logging import get_logger
 
 logger = get_logger(__name__)
 
-__all__ = ["SamplerConfig", "list", "set_sampler", "remove_sampler", "make_scheduler", "is_flow_scheduler"]
+__all__ = ["SamplerConfig", "list", "apply_sampler", "set_sampler", "remove_sampler", "make_scheduler", "is_flow_scheduler"]
 
 _NAME = "sampler"
 _list = list  # ``list`` is exported as the registry listing below
@@ -207,54 +208,64 @@ class _LeapSkipHook(HookBase):
         return self.cached
 
 
-def _on_call(pipe, kwargs: dict) -> dict:
-    st = get_state(pipe)
-    cfg: SamplerConfig = st.applied[_NAME]
-    hook = st.saved.get(_SKIP_HOOK)
-    if hook is not None:
-        hook.cached, hook.skipped = None, 0
-    if cfg.steps is not None:
-        kwargs = {**kwargs, "num_inference_steps": cfg.steps}
+@dataclass
+class _Installed:
+    original: object  # the pipeline's own scheduler, put back on uninstall
+    config: SamplerConfig
+    skip: _LeapSkipHook | None = None
+    denoiser: object = None
+
+
+def _install(pipe, st, config: SamplerConfig) -> _Installed:
+    original = pipe.scheduler
+    new = make_scheduler(config.name, original)
+    _check_takes_sigmas(pipe, config.name, new)
+    handle = _Installed(original, config)
+    if hasattr(new, "leaped"):
+        handle.skip, handle.denoiser = _LeapSkipHook(new), st.adapter.denoiser(pipe)
+        add_hook(handle.denoiser, handle.skip, _SKIP_HOOK)
+    pipe.scheduler = new
+    logger.info("sampler %s (%s) on %s", config.name, type(new).__name__, type(pipe).__name__)
+    return handle
+
+
+def _uninstall(pipe, st, handle: _Installed) -> None:
+    if handle.skip is not None:
+        remove_hook(handle.denoiser, _SKIP_HOOK)
+    pipe.scheduler = handle.original
+
+
+def _on_call(pipe, handle: _Installed, kwargs: dict) -> dict:
+    if handle.skip is not None:
+        handle.skip.cached, handle.skip.skipped = None, 0
+    if handle.config.steps is not None:
+        kwargs = {**kwargs, "num_inference_steps": handle.config.steps}
     return kwargs
 
 
-def set_sampler(pipe, name: str | SamplerConfig = "dpm++2m", steps: int | None = None):
-    """Use sampler ``name`` on ``pipe`` (optionally forcing ``steps`` per call). Safe to call twice. Returns ``pipe``.
+def apply_sampler(pipe, config: SamplerConfig | str | None = None, steps: int | None = None):
+    """Use a few-step sampler on ``pipe``: a :class:`SamplerConfig`, or a sampler name (optionally forcing
+    ``steps`` per call). Safe to call twice. Returns ``pipe``.
 
     The original scheduler object is kept and put back by :func:`remove_sampler`.
     """
-    config = name if isinstance(name, SamplerConfig) else SamplerConfig(name, steps)
-    st = get_state(pipe)
-    original = st.saved[_NAME] if st is not None and _NAME in st.saved else pipe.scheduler
-    new = make_scheduler(config.name, original)  # raises before anything is patched
-    _check_takes_sigmas(pipe, config.name, new)
-    st = attach(pipe)
-    st.saved[_NAME] = original
-    denoiser = st.adapter.denoiser(pipe)
-    if _SKIP_HOOK in st.saved:
-        remove_hook(denoiser, _SKIP_HOOK)
-        del st.saved[_SKIP_HOOK]
-    if hasattr(new, "leaped"):
-        st.saved[_SKIP_HOOK] = _LeapSkipHook(new)
-        add_hook(denoiser, st.saved[_SKIP_HOOK], _SKIP_HOOK)
-    pipe.scheduler = new
-    st.applied[_NAME] = config
-    st.call_hooks[_NAME] = _on_call
-    logger.info("sampler %s (%s) on %s", config.name, type(new).__name__, type(pipe).__name__)
-    return pipe
+    if config is None or isinstance(config, str):
+        config = SamplerConfig(config or "dpm++2m", steps)
+    return apply_technique(pipe, _NAME, config)
+
+
+def set_sampler(pipe, name: str | SamplerConfig = "dpm++2m", steps: int | None = None):
+    """Deprecated spelling of :func:`apply_sampler` (the verbs are ``apply_x``/``remove_x`` everywhere)."""
+    import warnings
+
+    warnings.warn("fastgen.samplers.set_sampler is deprecated; use fastgen.samplers.apply_sampler (same arguments)",
+                  DeprecationWarning, stacklevel=2)
+    return apply_sampler(pipe, name, steps)
 
 
 def remove_sampler(pipe):
     """Put the original scheduler back (no-op when no sampler is set). Returns ``pipe``."""
-    st = get_state(pipe)
-    if st is not None and _NAME in st.applied:
-        pipe.scheduler = st.saved.pop(_NAME)
-        if st.saved.pop(_SKIP_HOOK, None) is not None:
-            remove_hook(st.adapter.denoiser(pipe), _SKIP_HOOK)
-        del st.applied[_NAME]
-        st.call_hooks.pop(_NAME, None)
-        detach_if_empty(pipe)
-    return pipe
+    return remove_technique(pipe, _NAME)
 
 
 def _parse(args: str | None) -> SamplerConfig:
@@ -266,23 +277,21 @@ def _parse(args: str | None) -> SamplerConfig:
     return SamplerConfig(name.strip().lower(), int(steps) if steps else None)
 
 
-def _summary(pipe) -> dict:
-    st = get_state(pipe)
+def _summary(pipe, handle: _Installed) -> dict:
     out = {"scheduler": type(pipe.scheduler).__name__}
-    hook = st.saved.get(_SKIP_HOOK)
-    if hook is not None:
-        out.update(leap_step=pipe.scheduler.leap_step, denoiser_calls_skipped=hook.skipped)
+    if handle.skip is not None:
+        out.update(leap_step=pipe.scheduler.leap_step, denoiser_calls_skipped=handle.skip.skipped)
     return out
 
 
 def _check(pipe, adapter, config: SamplerConfig) -> None:
-    if adapter.family not in DIFFUSION_FAMILIES:  # accelerate() names the supported families
-        return
-    _check_takes_sigmas(pipe, config.name, make_scheduler(config.name, pipe.scheduler))
+    current = handle_of(pipe, _NAME)  # replacing a sampler: the new one is built from the pipeline's own
+    _check_takes_sigmas(pipe, config.name, make_scheduler(config.name, current.original if current else pipe.scheduler))
 
 
 register_technique(Technique(
-    name=_NAME, config_cls=SamplerConfig, parse=_parse, apply=set_sampler, remove=remove_sampler, check=_check, summary=_summary,
+    name=_NAME, config_cls=SamplerConfig, parse=_parse, install=_install, uninstall=_uninstall, on_call=_on_call,
+    check=_check, summary=_summary,
     to_string=lambda c: f"sampler:{c.name}" + (f"@{c.steps}" if c.steps else ""), families=DIFFUSION_FAMILIES,
     help="few-step sampler: " + ", ".join(list()), example="sampler:dpm++2m@8",
 ))

@@ -42,7 +42,7 @@ from typing import Any, Sequence
 import torch
 
 from fastgen.errors import RecipeError
-from fastgen.hooks import attach, detach_if_empty, get_state
+from fastgen.api import apply_technique, remove_technique
 from fastgen.registry import Technique, register_technique
 from fastgen.utils.logging import get_logger
 
@@ -303,12 +303,30 @@ def _parse(arg: str | None) -> ScheduleConfig:
     return ScheduleConfig(arg.strip())
 
 
-def _on_call(pipe, kwargs: dict) -> dict:
-    st = get_state(pipe)
-    sch: Schedule = st.saved[_NAME]
+def _on_call(pipe, sch: Schedule, kwargs: dict) -> dict:
     kwargs = {k: v for k, v in kwargs.items() if k not in ("sigmas", "timesteps")}
     kwargs["num_inference_steps"] = sch.steps
     return {**kwargs, **sch.call_kwargs()}
+
+
+def _check(pipe, adapter, config: ScheduleConfig) -> None:
+    sch = config.schedule()
+    kwarg = schedule_kwarg(pipe.scheduler)
+    if kwarg != sch.kwarg:
+        raise ValueError(f"schedule {config.source!r} holds {sch.kwarg} but {type(pipe.scheduler).__name__} takes "
+                         f"{kwarg}; it was tuned for {sch.scheduler or 'another scheduler'}")
+
+
+def _install(pipe, st, config: ScheduleConfig) -> Schedule:
+    sch = config.schedule()
+    if sch.scheduler and sch.scheduler != type(pipe.scheduler).__name__:
+        logger.warning("schedule %s was tuned with %s; the pipeline samples with %s", config.source, sch.scheduler,
+                       type(pipe.scheduler).__name__)
+    return sch
+
+
+def _uninstall(pipe, st, sch: Schedule) -> None:
+    pass  # nothing patched: the per-call hook passes the schedule
 
 
 def apply_schedule(pipe, config: ScheduleConfig | str):
@@ -319,35 +337,16 @@ def apply_schedule(pipe, config: ScheduleConfig | str):
             schedule of that kind (the message names samplers that do).
     """
     config = ScheduleConfig(config) if isinstance(config, str) else config
-    sch = config.schedule()
-    kwarg = schedule_kwarg(pipe.scheduler)
-    if kwarg != sch.kwarg:
-        raise ValueError(f"schedule {config.source!r} holds {sch.kwarg} but {type(pipe.scheduler).__name__} takes "
-                         f"{kwarg}; it was tuned for {sch.scheduler or 'another scheduler'}")
-    if sch.scheduler and sch.scheduler != type(pipe.scheduler).__name__:
-        logger.warning("schedule %s was tuned with %s; the pipeline samples with %s", config.source, sch.scheduler,
-                       type(pipe.scheduler).__name__)
-    st = attach(pipe)
-    st.saved[_NAME] = sch
-    st.applied[_NAME] = config
-    st.call_hooks[_NAME] = _on_call
-    return pipe
+    return apply_technique(pipe, _NAME, config)
 
 
 def remove_schedule(pipe):
     """Stop using the tuned schedule (no-op when none is set). Returns ``pipe``."""
-    st = get_state(pipe)
-    if st is not None and _NAME in st.applied:
-        del st.applied[_NAME]
-        st.saved.pop(_NAME, None)
-        st.call_hooks.pop(_NAME, None)
-        detach_if_empty(pipe)
-    return pipe
+    return remove_technique(pipe, _NAME)
 
 
-def _summary(pipe) -> dict:
-    sch = get_state(pipe).saved.get(_NAME)
-    return {} if sch is None else {"steps": sch.steps, sch.kwarg: sch.values}
+def _summary(pipe, sch: Schedule) -> dict:
+    return {"steps": sch.steps, sch.kwarg: sch.values}
 
 
 def _families():
@@ -357,8 +356,8 @@ def _families():
 
 
 register_technique(Technique(
-    name=_NAME, config_cls=ScheduleConfig, parse=_parse, apply=apply_schedule, remove=remove_schedule,
-    to_string=lambda c: f"{_NAME}:{c.source}", summary=_summary, families=_families(),
+    name=_NAME, config_cls=ScheduleConfig, parse=_parse, install=_install, uninstall=_uninstall, on_call=_on_call,
+    check=_check, to_string=lambda c: f"{_NAME}:{c.source}", summary=_summary, families=_families(),
     help="a tuned N-step timestep schedule (searched against a many-step run; samplers.schedule)",
     example="schedule:shapes-mmdit-euler8", order=1,
     incompatible={"steps": "a schedule fixes the step count itself (its length)"},

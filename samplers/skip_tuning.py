@@ -22,7 +22,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from fastgen.errors import RecipeError, UnsupportedPipelineError
-from fastgen.hooks import HookBase, add_hook, attach, detach_if_empty, get_state, remove_hook
+from fastgen.api import apply_technique, remove_technique
+from fastgen.hooks import HookBase, HookSet, uninstall_hooks
 from fastgen.registry import Technique, register_technique
 from fastgen.utils.logging import get_logger
 
@@ -123,32 +124,29 @@ class _SkipScaleHook(HookBase):
         return args, kwargs
 
 
+def _check(pipe, adapter, config: SkipTuningConfig) -> None:
+    skip_scales(pipe, config)  # raises before anything is patched
+
+
+def _install(pipe, st, config: SkipTuningConfig) -> HookSet:
+    handle = HookSet()
+    for block, s in zip(_up_blocks(pipe), skip_scales(pipe, config)):
+        handle.add(block, _SkipScaleHook(s), _HOOK)
+    return handle
+
+
+def _summary(pipe, handle: HookSet) -> dict:
+    return {"scaled_up_blocks": len(handle.entries)}
+
+
 def apply_skip_tuning(pipe, config: SkipTuningConfig | None = None):
     """Scale ``pipe``'s UNet skip connections (see the module docstring); safe to call twice. Returns ``pipe``."""
-    config = config or SkipTuningConfig()
-    scales = skip_scales(pipe, config)  # raises before anything is patched
-    st = get_state(pipe)
-    if st is not None and _NAME in st.applied:
-        remove_skip_tuning(pipe)
-    blocks = _up_blocks(pipe)
-    for block, s in zip(blocks, scales):
-        add_hook(block, _SkipScaleHook(s), _HOOK)
-    st = attach(pipe)
-    st.applied[_NAME] = config
-    st.saved[_NAME] = blocks
-    return pipe
+    return apply_technique(pipe, _NAME, config)
 
 
 def remove_skip_tuning(pipe):
     """Take the skip scales off (bit-exact). Returns ``pipe``."""
-    st = get_state(pipe)
-    if st is None or _NAME not in st.applied:
-        return pipe
-    for block in st.saved.pop(_NAME):
-        remove_hook(block, _HOOK)
-    del st.applied[_NAME]
-    detach_if_empty(pipe)
-    return pipe
+    return remove_technique(pipe, _NAME)
 
 
 def search_skip_tuning(pipe, prompts: Sequence[str], score: Callable[[list[str], Any], float], *,
@@ -194,7 +192,8 @@ def search_skip_tuning(pipe, prompts: Sequence[str], score: Callable[[list[str],
 
 
 register_technique(Technique(
-    name=_NAME, config_cls=SkipTuningConfig, parse=_parse, apply=apply_skip_tuning, remove=remove_skip_tuning,
+    name=_NAME, config_cls=SkipTuningConfig, parse=_parse, install=_install, uninstall=uninstall_hooks,
+    check=_check, summary=_summary,
     to_string=lambda c: c.to_string(), families=FAMILIES,
     help="Skip-Tuning: scale a UNet's skip connections (training-free quality at few steps; no speed change)",
     example="skip-tuning:0.9,1.0",

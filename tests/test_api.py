@@ -143,10 +143,11 @@ def test_failure_half_way_rolls_back():
     class BoomConfig:
         pass
 
-    def boom(pipe, cfg):
+    def boom(pipe, state, cfg):
         raise RuntimeError("boom")
 
-    register_technique(Technique("boom", BoomConfig, lambda a: BoomConfig(), boom, lambda p: p, lambda c: "boom"))
+    register_technique(Technique("boom", BoomConfig, parse=lambda a: BoomConfig(), to_string=lambda c: "boom",
+                                 install=boom, uninstall=lambda pipe, state, handle: None))
     try:
         pipe = tiny_pipeline("sd3")
         original = pipe.scheduler

@@ -206,7 +206,7 @@ def test_var_family_adapter_and_summary(pipe):
     assert fastgen.get_adapter(pipe).family == "var"
     s = fastgen.summary(pipe)
     assert s == {"pipeline": "VARPipeline", "family": "var", "recipe": "baseline", "techniques": {}, "last_call": None}
-    with pytest.raises(UnsupportedPipelineError, match="RAS does not support VARPipeline"):
+    with pytest.raises(UnsupportedPipelineError, match="ras does not support VARPipeline"):
         fastgen.accelerate(pipe, "ras:0.5")
     for recipe in ("steps:8", "sampler:dpm++2m@8"):  # diffusion step counts mean nothing to next-scale AR
         with pytest.raises(UnsupportedPipelineError, match="VARPipeline"):

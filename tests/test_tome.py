@@ -132,7 +132,7 @@ def test_matching_reuse_across_steps_and_blocks(monkeypatch):
 
 def test_unsupported_and_silent_no_op_cases_raise():
     flux = tiny_pipeline("flux")
-    with pytest.raises(UnsupportedPipelineError, match="ToMe supports .* not FluxPipeline"):
+    with pytest.raises(UnsupportedPipelineError, match="tome does not support FluxPipeline.*blockcache"):
         fastgen.accelerate(flux, "tome:0.5")
     assert not hasattr(flux, "_fastgen")
     sdxl = tiny_pipeline("sdxl")

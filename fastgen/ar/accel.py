@@ -2,8 +2,8 @@
 ``fastgen.accelerate``.
 
 ``VARPipeline`` is not a diffusers pipeline; fastgen sees it through the adapter family ``"var"`` (its
-denoiser is ``pipe.var``). Each technique is a typed config, an ``apply``/``remove`` pair and a recipe
-string. Except ``var-attn`` (which sets the attention kernel of ``pipe.var``'s attention modules), none
+denoiser is ``pipe.var``). Each technique is a typed config, an ``install``/``uninstall`` pair the core
+runs (:mod:`fastgen.api`) and a recipe string. Except ``var-attn`` (which sets the attention kernel of ``pipe.var``'s attention modules), none
 of them touches a module: they add keyword arguments to every pipeline call (``prune=``,
 ``cfg_share=``, ``refiner=``/``draft_scales=``), which :meth:`fastgen.ar.var.VAR.sample` carries out, so
 ``fastgen.remove`` restores the pipeline bit-exactly by construction and every call starts clean.
@@ -51,8 +51,9 @@ from typing import Any
 
 import torch
 
-from ..errors import UnsupportedPipelineError, require_extra
-from ..hooks import attach, detach_if_empty, get_state
+from ..errors import require_extra
+from ..api import apply_technique, remove_technique
+from ..hooks import get_state
 from ..registry import Technique, register_technique
 from ..utils.logging import get_logger
 from .var import VAR, SelfAttention
@@ -253,11 +254,7 @@ class CFGShareConfig:
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_family(pipe, adapter, what: str) -> None:
-    if adapter.family not in _FAMILY:
-        raise UnsupportedPipelineError(
-            f"{what} works on next-scale AR pipelines (fastgen.ar.VARPipeline), not on {type(pipe).__name__} "
-            f"({adapter.family}); for diffusion pipelines use 'ras', 'tome' or a step cache")
+_FAMILY_HINT = "It works on next-scale AR pipelines (fastgen.ar.VARPipeline); for diffusion pipelines use 'ras', 'tome' or a step cache."
 
 
 def _stats(pipe) -> dict:
@@ -273,31 +270,23 @@ def _count_scale(pipe):
     return cb
 
 
-def _add_call_hook(pipe, name: str, extra: Any) -> None:
-    """Register ``extra(pipe) -> dict`` as the keyword arguments ``name`` adds to every call, plus the
-    shared per-call stats dict and the scale counter."""
-    st = attach(pipe)
-
-    def hook(p, kwargs: dict) -> dict:
-        out = dict(kwargs)
-        out.update(extra(p))
-        out.setdefault("stats", _stats(p))
-        if "callback_on_scale_end" not in out or out["callback_on_scale_end"] is None:
-            out["callback_on_scale_end"] = _count_scale(p)
-        return out
-
-    st.call_hooks[name] = hook
+def _call_kwargs(pipe, kwargs: dict, extra: dict) -> dict:
+    """A call's keyword arguments plus ``extra`` (what one technique adds), the shared per-call stats dict
+    and the scale counter."""
+    out = dict(kwargs)
+    out.update(extra)
+    out.setdefault("stats", _stats(pipe))
+    if "callback_on_scale_end" not in out or out["callback_on_scale_end"] is None:
+        out["callback_on_scale_end"] = _count_scale(pipe)
+    return out
 
 
-def _remove(pipe, name: str) -> Any:
-    st = get_state(pipe)
-    if st is None or name not in st.applied:
-        return pipe
-    del st.applied[name]
-    st.call_hooks.pop(name, None)
-    st.saved.pop(name, None)
-    detach_if_empty(pipe)
-    return pipe
+def _install_config(pipe, st, config) -> Any:
+    return config  # nothing to patch: the per-call hook passes the config to VAR.sample
+
+
+def _uninstall_nothing(pipe, st, handle) -> None:
+    pass
 
 
 def _scales(pipe) -> list[dict]:
@@ -335,49 +324,42 @@ _ATTN = "var-attn"
 
 
 def _attn_check(pipe, adapter, config: VARAttnConfig) -> None:
-    _check_family(pipe, adapter, "var-attn")
     if config.backend == "xformers":
         require_extra("xformers.ops", "gpu", "the xformers attention backend (var-attn:xformers)")
 
 
-def apply_var_attn(pipe, config: VARAttnConfig | None = None):
-    """Set the attention kernel of every attention module of ``pipe.var``. Returns ``pipe``."""
-    from ..adapters import get_adapter
-
-    config = config or VARAttnConfig()
-    if not isinstance(config, VARAttnConfig):
-        raise TypeError(f"apply_var_attn expects a VARAttnConfig, got {type(config).__name__}")
-    _attn_check(pipe, get_adapter(pipe), config)
-    remove_var_attn(pipe)
-    st = attach(pipe)
+def _attn_install(pipe, st, config: VARAttnConfig) -> tuple:
     mods = [m for m in pipe.var.modules() if isinstance(m, SelfAttention)]
-    st.saved[_ATTN] = [(m, m.backend) for m in mods]
+    saved = [(m, m.backend) for m in mods]
     for m in mods:
         m.backend = config.backend
-    st.applied[_ATTN] = config
-    _add_call_hook(pipe, _ATTN, lambda p: {})
-    return pipe
+    return config, saved
+
+
+def _attn_uninstall(pipe, st, handle: tuple) -> None:
+    for m, old in handle[1]:
+        m.backend = old
+
+
+def apply_var_attn(pipe, config: VARAttnConfig | None = None):
+    """Set the attention kernel of every attention module of ``pipe.var``. Returns ``pipe``."""
+    return apply_technique(pipe, _ATTN, config)
 
 
 def remove_var_attn(pipe):
     """Restore the attention kernels ``apply_var_attn`` replaced. Returns ``pipe``."""
-    st = get_state(pipe)
-    if st is None or _ATTN not in st.applied:
-        return pipe
-    for m, old in st.saved.get(_ATTN, []):
-        m.backend = old
-    return _remove(pipe, _ATTN)
+    return remove_technique(pipe, _ATTN)
 
 
-def _attn_summary(pipe) -> dict:
-    mods = get_state(pipe).saved.get(_ATTN, [])
-    return {"backend": get_state(pipe).applied[_ATTN].backend, "attention_modules": len(mods)}
+def _attn_summary(pipe, handle: tuple) -> dict:
+    return {"backend": handle[0].backend, "attention_modules": len(handle[1])}
 
 
 register_technique(Technique(
     name=_ATTN, config_cls=VARAttnConfig, parse=lambda a: VARAttnConfig((a or "sdpa").strip().lower()),
-    apply=apply_var_attn, remove=remove_var_attn, to_string=lambda c: f"{_ATTN}:{c.backend}", check=_attn_check,
-    families=_FAMILY, summary=_attn_summary,
+    install=_attn_install, uninstall=_attn_uninstall, on_call=lambda p, h, kw: _call_kwargs(p, kw, {}),
+    to_string=lambda c: f"{_ATTN}:{c.backend}", check=_attn_check, families=_FAMILY, family_hint=_FAMILY_HINT,
+    summary=_attn_summary,
     help="attention kernel of a VAR transformer: sdpa (default), math or xformers (extra 'gpu')",
     example="var-attn:sdpa",
 ))
@@ -390,31 +372,17 @@ register_technique(Technique(
 _FASTVAR = "fastvar"
 
 
-def _fastvar_check(pipe, adapter, config: FastVARConfig) -> None:
-    _check_family(pipe, adapter, "fastvar")
-    if not isinstance(config, FastVARConfig):
-        raise TypeError(f"apply_fastvar expects a FastVARConfig, got {type(config).__name__}")
-
-
 def apply_fastvar(pipe, config: FastVARConfig | None = None):
     """Prune tokens at the last scales of every call of ``pipe`` (see :class:`FastVARConfig`). Returns ``pipe``."""
-    from ..adapters import get_adapter
-
-    config = config or FastVARConfig()
-    _fastvar_check(pipe, get_adapter(pipe), config)
-    remove_fastvar(pipe)
-    st = attach(pipe)
-    st.applied[_FASTVAR] = config
-    _add_call_hook(pipe, _FASTVAR, lambda p: {"prune": get_state(p).applied[_FASTVAR]})
-    return pipe
+    return apply_technique(pipe, _FASTVAR, config)
 
 
 def remove_fastvar(pipe):
     """Undo :func:`apply_fastvar` (bit-exact). Returns ``pipe``."""
-    return _remove(pipe, _FASTVAR)
+    return remove_technique(pipe, _FASTVAR)
 
 
-def _fastvar_summary(pipe) -> dict:
+def _fastvar_summary(pipe, config: FastVARConfig) -> dict:
     sc = _scales(pipe)
     pruned = [s for s in sc if s["tokens"] < s["of"]]
     return {"pruned_scales": [s["scale"] for s in pruned],
@@ -466,8 +434,9 @@ def _fastvar_string(c: FastVARConfig) -> str:
 
 
 register_technique(Technique(
-    name=_FASTVAR, config_cls=FastVARConfig, parse=_fastvar_parse, apply=apply_fastvar, remove=remove_fastvar,
-    to_string=_fastvar_string, check=_fastvar_check, families=_FAMILY, summary=_fastvar_summary,
+    name=_FASTVAR, config_cls=FastVARConfig, parse=_fastvar_parse, to_string=_fastvar_string,
+    install=_install_config, uninstall=_uninstall_nothing, on_call=lambda p, c, kw: _call_kwargs(p, kw, {"prune": c}),
+    families=_FAMILY, family_hint=_FAMILY_HINT, summary=_fastvar_summary,
     help="FastVAR token pruning at the last scales of a VAR, pruned positions filled from the previous scale",
     example="fastvar:0.5",
 ))
@@ -510,44 +479,39 @@ def load_refiner(spec: Any, pipe=None) -> VAR:
 
 
 def _code_check(pipe, adapter, config: CoDeConfig) -> None:
-    _check_family(pipe, adapter, "code")
-    if not isinstance(config, CoDeConfig):
-        raise TypeError(f"apply_code expects a CoDeConfig, got {type(config).__name__}")
     K = len(pipe.var.patch_nums)
     if not 0 < config.draft < K:
         raise ValueError(f"code: draft must lie in [1, {K - 1}] for this {K}-scale model, got {config.draft}")
 
 
+def _code_install(pipe, st, config: CoDeConfig) -> tuple:
+    refiner = load_refiner(config.refiner, pipe)
+    pipe.var._check_refiner(refiner, config.draft)
+    return config, refiner
+
+
+def _code_on_call(pipe, handle: tuple, kwargs: dict) -> dict:
+    config, refiner = handle
+    return _call_kwargs(pipe, kwargs, {"refiner": refiner, "draft_scales": config.draft})
+
+
 def apply_code(pipe, config: CoDeConfig | None = None):
     """Let ``pipe.var`` draft the first ``config.draft`` scales and a small refiner finish every call.
     Returns ``pipe``."""
-    from ..adapters import get_adapter
-
-    config = config or CoDeConfig()
-    _code_check(pipe, get_adapter(pipe), config)
-    refiner = load_refiner(config.refiner, pipe)
-    pipe.var._check_refiner(refiner, config.draft)
-    remove_code(pipe)
-    st = attach(pipe)
-    st.applied[_CODE] = config
-    st.saved[_CODE] = refiner
-    _add_call_hook(pipe, _CODE, lambda p: {"refiner": get_state(p).saved[_CODE],
-                                           "draft_scales": get_state(p).applied[_CODE].draft})
-    return pipe
+    return apply_technique(pipe, _CODE, config)
 
 
 def remove_code(pipe):
     """Undo :func:`apply_code` (bit-exact). Returns ``pipe``."""
-    return _remove(pipe, _CODE)
+    return remove_technique(pipe, _CODE)
 
 
-def _code_summary(pipe) -> dict:
-    st = get_state(pipe)
-    ref = st.saved.get(_CODE)
+def _code_summary(pipe, handle: tuple) -> dict:
+    ref = handle[1]
     sc = _scales(pipe)
     return {"draft_scales": [s["scale"] for s in sc if s["model"] == "main"],
             "refined_scales": [s["scale"] for s in sc if s["model"] == "refiner"],
-            "refiner_params_m": round(sum(p.numel() for p in ref.parameters()) / 1e6, 3) if ref is not None else None,
+            "refiner_params_m": round(sum(p.numel() for p in ref.parameters()) / 1e6, 3),
             "main_params_m": round(sum(p.numel() for p in pipe.var.parameters()) / 1e6, 3)}
 
 
@@ -574,8 +538,9 @@ def _code_string(c: CoDeConfig) -> str:
 
 
 register_technique(Technique(
-    name=_CODE, config_cls=CoDeConfig, parse=_code_parse, apply=apply_code, remove=remove_code,
-    to_string=_code_string, check=_code_check, families=_FAMILY, summary=_code_summary,
+    name=_CODE, config_cls=CoDeConfig, parse=_code_parse, to_string=_code_string,
+    install=_code_install, uninstall=_uninstall_nothing, on_call=_code_on_call, check=_code_check,
+    families=_FAMILY, family_hint=_FAMILY_HINT, summary=_code_summary,
     help="CoDe: the VAR drafts the first N scales, a small VAR on the same VQ-VAE refines the rest",
     example="code:draft=4",
 ))
@@ -588,31 +553,17 @@ register_technique(Technique(
 _SHARE = "cfg-share"
 
 
-def _share_check(pipe, adapter, config: CFGShareConfig) -> None:
-    _check_family(pipe, adapter, "cfg-share")
-    if not isinstance(config, CFGShareConfig):
-        raise TypeError(f"apply_cfg_share expects a CFGShareConfig, got {type(config).__name__}")
-
-
 def apply_cfg_share(pipe, config: CFGShareConfig | None = None):
     """Skip the unconditional branch at late scales of every call (see :class:`CFGShareConfig`). Returns ``pipe``."""
-    from ..adapters import get_adapter
-
-    config = config or CFGShareConfig()
-    _share_check(pipe, get_adapter(pipe), config)
-    remove_cfg_share(pipe)
-    st = attach(pipe)
-    st.applied[_SHARE] = config
-    _add_call_hook(pipe, _SHARE, lambda p: {"cfg_share": get_state(p).applied[_SHARE]})
-    return pipe
+    return apply_technique(pipe, _SHARE, config)
 
 
 def remove_cfg_share(pipe):
     """Undo :func:`apply_cfg_share` (bit-exact). Returns ``pipe``."""
-    return _remove(pipe, _SHARE)
+    return remove_technique(pipe, _SHARE)
 
 
-def _share_summary(pipe) -> dict:
+def _share_summary(pipe, config: CFGShareConfig) -> dict:
     return {"uncond_skipped_scales": [s["scale"] for s in _scales(pipe) if not s["uncond"]]}
 
 
@@ -645,8 +596,10 @@ def _share_string(c: CFGShareConfig) -> str:
 
 
 register_technique(Technique(
-    name=_SHARE, config_cls=CFGShareConfig, parse=_share_parse, apply=apply_cfg_share, remove=remove_cfg_share,
-    to_string=_share_string, check=_share_check, families=_FAMILY, summary=_share_summary,
+    name=_SHARE, config_cls=CFGShareConfig, parse=_share_parse, to_string=_share_string,
+    install=_install_config, uninstall=_uninstall_nothing,
+    on_call=lambda p, c, kw: _call_kwargs(p, kw, {"cfg_share": c}),
+    families=_FAMILY, family_hint=_FAMILY_HINT, summary=_share_summary,
     help="CFG-pair sharing: skip the unconditional branch at late VAR scales (no guidance there, or reuse the last)",
     example="cfg-share:start=-2",
 ))

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UnsupportedPipelineError
-from ..hooks import add_hook, attach, detach_if_empty, get_state, remove_hook
+from ..api import apply_technique, remove_technique
+from ..hooks import HookSet, uninstall_hooks
 from ..registry import Technique, register_technique
 from ..utils.logging import get_logger
 from ..hooks import HookBase
@@ -262,10 +263,6 @@ class _ControllerHook(HookBase):
 
 
 def _blocks(pipe, adapter, config: BlockCacheConfig):
-    if adapter.family not in _FAMILIES:
-        raise UnsupportedPipelineError(
-            f"blockcache caches DiT transformer blocks and {type(pipe).__name__} ({adapter.family}) has a UNet; "
-            "use 'deepcache:3' for UNets")
     blocks = adapter.blocks(pipe)
     for name, blk in blocks:
         if type(blk).__name__ not in _BLOCK_IO:
@@ -294,48 +291,31 @@ def apply_blockcache(pipe, config: BlockCacheConfig | None = None):
         UnsupportedPipelineError: a UNet pipeline (use ``"deepcache"``) or an unknown block class.
         ValueError: ``fn_blocks + bn_blocks`` leaves no block to cache.
     """
-    config = config or BlockCacheConfig()
-    if not isinstance(config, BlockCacheConfig):
-        raise TypeError(f"apply_blockcache expects a BlockCacheConfig, got {type(config).__name__}")
-    from ..adapters import get_adapter
+    return apply_technique(pipe, _NAME, config)
 
-    blocks = _blocks(pipe, get_adapter(pipe), config)
-    st = attach(pipe)
-    if _NAME in st.applied:
-        _uninstall(st)
+
+def _install(pipe, st, config: BlockCacheConfig) -> HookSet:
+    blocks = _blocks(pipe, st.adapter, config)
     state = _State(st, config, len(blocks))
-    hooked = []
+    handle = HookSet(state)
     for i, (_, blk) in enumerate(blocks):
         if i == 0 or i == config.fn_blocks - 1 or state.first_mid <= i <= state.last_mid:
-            add_hook(blk, _BlockHook(state, i, _BLOCK_IO[type(blk).__name__]), _HOOK)
-            hooked.append(blk)
+            handle.add(blk, _BlockHook(state, i, _BLOCK_IO[type(blk).__name__]), _HOOK)
     model = st.adapter.denoiser(pipe)
-    add_hook(model, _ControllerHook(state), _HOOK)
-    hooked.append(model)
-    st.saved[_NAME] = {"state": state, "modules": hooked}
-    st.applied[_NAME] = config
-    st.call_hooks[_NAME] = lambda p, kw: (state.new_call(), kw)[1]
+    handle.add(model, _ControllerHook(state), _HOOK)
     logger.info("blockcache on %s: blocks %d-%d of %d cacheable, threshold %g", type(model).__name__,
                 state.first_mid, state.last_mid, len(blocks), config.threshold)
-    return pipe
+    return handle
 
 
-def _uninstall(st) -> None:
-    saved = st.saved.pop(_NAME, None)
-    if saved:
-        for module in saved["modules"]:
-            remove_hook(module, _HOOK)
-    st.applied.pop(_NAME, None)
-    st.call_hooks.pop(_NAME, None)
+def _on_call(pipe, handle: HookSet, kwargs: dict) -> dict:
+    handle.state.new_call()
+    return kwargs
 
 
 def remove_blockcache(pipe):
     """Undo :func:`apply_blockcache` (no-op if not applied), restoring the transformer bit-exactly."""
-    st = get_state(pipe)
-    if st is not None and _NAME in st.applied:
-        _uninstall(st)
-        detach_if_empty(pipe)
-    return pipe
+    return remove_technique(pipe, _NAME)
 
 
 _KEYS = (("mc", "max_cached_steps"), ("f", "fn_blocks"), ("b", "bn_blocks"), ("w", "warmup_steps"))
@@ -382,8 +362,9 @@ def _to_string(c: BlockCacheConfig) -> str:
 
 
 register_technique(Technique(
-    name=_NAME, config_cls=BlockCacheConfig, parse=_parse, apply=apply_blockcache, remove=remove_blockcache,
+    name=_NAME, config_cls=BlockCacheConfig, parse=_parse, install=_install, uninstall=uninstall_hooks, on_call=_on_call,
     to_string=_to_string, check=_check, families=_FAMILIES,
+    family_hint="blockcache caches DiT transformer blocks and this pipeline has a UNet; use 'deepcache:3' for UNets",
     help="DiT block cache (FBC/DBCache): skip the middle blocks when the first blocks' residual barely changed",
     example="blockcache:0.08",
 ))

@@ -34,7 +34,8 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UnsupportedPipelineError
-from ..hooks import HookBase, add_hook, attach, detach_if_empty, get_state, remove_hook
+from ..api import apply_technique, remove_technique
+from ..hooks import HookBase, HookSet, uninstall_hooks
 from ..registry import Technique, register_technique
 from ..utils.logging import get_logger
 
@@ -314,10 +315,6 @@ class _ReuseHook(HookBase):
 
 
 def _check(pipe, adapter, config: DeepCacheConfig) -> None:
-    if not adapter.is_unet:
-        raise UnsupportedPipelineError(
-            f"deepcache reuses UNet skip-branch features and {type(pipe).__name__} has a transformer "
-            f"({type(adapter.denoiser(pipe)).__name__}); use the DiT block cache instead, e.g. 'blockcache:0.08'")
     _deep_modules(adapter.denoiser(pipe), config.branch)
 
 
@@ -331,48 +328,30 @@ def apply_deepcache(pipe, config: DeepCacheConfig | None = None):
         UnsupportedPipelineError: the pipeline has no SD/SDXL UNet (DiTs: use ``"blockcache"``).
         ValueError: the branch does not exist in this UNet.
     """
-    config = config or DeepCacheConfig()
-    if not isinstance(config, DeepCacheConfig):
-        raise TypeError(f"apply_deepcache expects a DeepCacheConfig, got {type(config).__name__}")
-    from ..adapters import get_adapter
+    return apply_technique(pipe, _NAME, config)
 
-    _check(pipe, get_adapter(pipe), config)
-    st = attach(pipe)
-    if _NAME in st.applied:
-        _uninstall(pipe, st)
+
+def _install(pipe, st, config: DeepCacheConfig) -> HookSet:
     unet = st.adapter.denoiser(pipe)
     deep = _deep_modules(unet, config.branch)
     state = _DeepCacheState(st, config, len(deep))
-    hooked = []
+    handle = HookSet(state)
     for key, module in deep:
-        add_hook(module, _ReuseHook(state, key), _HOOK)
-        hooked.append(module)
-    add_hook(unet, _ControllerHook(state, lambda: getattr(pipe, "scheduler", None)), _HOOK)
-    hooked.append(unet)
-    st.saved[_NAME] = {"state": state, "modules": hooked}
-    st.applied[_NAME] = config
-    st.call_hooks[_NAME] = lambda p, kw: (state.new_call(), kw)[1]
+        handle.add(module, _ReuseHook(state, key), _HOOK)
+    handle.add(unet, _ControllerHook(state, lambda: getattr(pipe, "scheduler", None)), _HOOK)
     logger.info("deepcache on %s: interval %d, branch %d, %d modules reused on cached steps",
                 type(unet).__name__, config.interval, config.branch, len(deep))
-    return pipe
+    return handle
 
 
-def _uninstall(pipe, st) -> None:
-    saved = st.saved.pop(_NAME, None)
-    if saved:
-        for module in saved["modules"]:
-            remove_hook(module, _HOOK)
-    st.applied.pop(_NAME, None)
-    st.call_hooks.pop(_NAME, None)
+def _on_call(pipe, handle: HookSet, kwargs: dict) -> dict:
+    handle.state.new_call()
+    return kwargs
 
 
 def remove_deepcache(pipe):
     """Undo :func:`apply_deepcache` (no-op if not applied), restoring the UNet bit-exactly. Returns ``pipe``."""
-    st = get_state(pipe)
-    if st is not None and _NAME in st.applied:
-        _uninstall(pipe, st)
-        detach_if_empty(pipe)
-    return pipe
+    return remove_technique(pipe, _NAME)
 
 
 def _parse(args: str | None) -> DeepCacheConfig:
@@ -425,8 +404,10 @@ def _to_string(c: DeepCacheConfig) -> str:
 
 
 register_technique(Technique(
-    name=_NAME, config_cls=DeepCacheConfig, parse=_parse, apply=apply_deepcache, remove=remove_deepcache,
+    name=_NAME, config_cls=DeepCacheConfig, parse=_parse, install=_install, uninstall=uninstall_hooks, on_call=_on_call,
     to_string=_to_string, check=_check, families=("sd", "sdxl"),
+    family_hint=("deepcache reuses UNet skip-branch features and this pipeline has a transformer; use the DiT block "
+                 "cache instead, e.g. 'blockcache:0.08'"),
     help="DeepCache UNet feature reuse: full UNet every N steps, shallow branch only in between",
     example="deepcache:3",
 ))

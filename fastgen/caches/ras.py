@@ -60,8 +60,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..errors import IncompatibleTechniquesError, UnsupportedPipelineError
-from ..hooks import HookBase, add_hook, attach, detach_if_empty, get_state, remove_hook
+from ..errors import UnsupportedPipelineError
+from ..api import apply_technique, remove_technique
+from ..hooks import HookBase, HookSet, get_state
 from ..registry import Technique, register_technique
 from ..utils.logging import get_logger
 from ._tokens import flat_rows, gather_rows, image_to_tokens, scatter_rows, scatter_rows_, tokens_to_image
@@ -104,7 +105,7 @@ class RASConfig:
         metric: per-token focus score of the last model output: ``"std"`` (std over channels, averaged
             over the patch's pixels; the reference's default) or ``"l2norm"``.
         rule: which tokens are recomputed: ``"high"`` (highest focus score; the best rule on the trained
-            shapes-mmdit, see the README), ``"low"`` (lowest),
+            shapes-mmdit, see docs/techniques/ras.md), ``"low"`` (lowest),
             ``"ends"`` (``high_fraction`` of them from the top of the ranking, the rest from the bottom) or
             ``"middle"`` (the reference's SD3 script: the *skipped* tokens are taken from both ends,
             ``high_fraction`` of them from the top, and the middle band is recomputed). Default ``"high"``.
@@ -113,7 +114,7 @@ class RASConfig:
         starvation: fairness: a token's recompute priority is ``log(score) + starvation * s`` where ``s``
             is the number of steps since it was last recomputed (``"high"``: the score; ``"low"``: minus
             it), so no region is frozen for long. Default 0.5 (best of 0-5 on the shipped shapes-mmdit:
-            +6.3 dB (ratio 0.5) and +2.7 dB (ratio 0.25) PSNR over 0; see the README table). Large values
+            +6.3 dB (ratio 0.5) and +2.7 dB (ratio 0.25) PSNR over 0; see docs/results/ras.md). Large values
             (>= 2) make it a focus-ordered round robin. 0 disables. Range 0.3-1.
         share: who shares one token selection: ``"cfg"`` (the conditional/unconditional rows of a prompt;
             default), ``"sample"`` (each row) or ``"batch"`` (the whole batch).
@@ -890,19 +891,9 @@ def _image_attentions(family: str, model) -> list[tuple[str, Any, str]]:
 
 
 def _check(pipe, adapter, config: RASConfig) -> None:
-    if not isinstance(config, RASConfig):
-        raise TypeError(f"apply_ras expects a RASConfig, got {type(config).__name__}")
     family = adapter.family
     model = adapter.denoiser(pipe)
-    if family not in _FAMILIES:
-        what = "a UNet (no token sequence to subsample)" if adapter.is_unet else "not supported"
-        raise UnsupportedPipelineError(
-            f"RAS does not support {type(pipe).__name__} ({type(model).__name__}): {what}. RAS works on DiT "
-            f"pipelines: SD3/SD3.5, FLUX, PixArt-α/Σ, Sana, Lumina2 and DiT; for UNets use 'tome' or a step cache"
-        )
     st = get_state(pipe)
-    if st is not None and "tome" in st.applied:
-        raise IncompatibleTechniquesError("RAS and ToMe both change the token set of the attention; apply only one")
     for name, attn, _ in _image_attentions(family, model):
         proc = type(attn.processor).__name__
         if proc not in _STOCK_PROCESSORS[family] and not (st is not None and _NAME in st.applied):
@@ -916,33 +907,13 @@ def _check(pipe, adapter, config: RASConfig) -> None:
             )
 
 
-def apply_ras(pipe, config: RASConfig | None = None):
-    """Apply region-adaptive sampling to ``pipe`` (replacing an earlier RAS config). Returns ``pipe``.
-
-    Raises:
-        UnsupportedPipelineError: a UNet pipeline, a denoiser with custom/fused attention processors.
-    """
-    config = config or RASConfig()
-    st = get_state(pipe)
-    if st is not None and _NAME in st.applied:
-        remove_ras(pipe)
-    from ..adapters import get_adapter
-
-    adapter = get_adapter(pipe)
-    _check(pipe, adapter, config)
-    st = attach(pipe)
-    family = adapter.family
-    model = adapter.denoiser(pipe)
+def _install(pipe, st, config: RASConfig) -> dict:
+    family = st.adapter.family
+    model = st.adapter.denoiser(pipe)
     rt = _Runtime(pipe, family, config)
-    saved = {"runtime": rt, "hooks": [], "processors": []}
-    st.saved[_NAME] = saved
-    st.applied[_NAME] = config
-    st.call_hooks[_NAME] = _on_call
+    saved = {"runtime": rt, "hooks": HookSet(), "processors": []}
     try:
-        def hook(module, h, name):
-            add_hook(module, h, name)
-            saved["hooks"].append((module, name))
-
+        hook = saved["hooks"].add
         spec = rt.spec
         if spec.gather is not None:
             hook(getattr(model, spec.gather), _GatherHook(rt), "fastgen_ras_gather")
@@ -967,10 +938,30 @@ def apply_ras(pipe, config: RASConfig | None = None):
         hook(model, den, "fastgen_ras")  # after the others: the step counter stays outermost
         _repair_new_forward(model, den, "fastgen_ras")
     except BaseException:
-        remove_ras(pipe)
+        _uninstall(pipe, st, saved)
         raise
     logger.info("RAS on %s: %s", type(pipe).__name__, _to_string(config))
-    return pipe
+    return saved
+
+
+def _uninstall(pipe, st, saved: dict) -> None:
+    saved["hooks"].remove_all()
+    for attn, old in reversed(saved["processors"]):
+        attn.set_processor(old)
+
+
+def apply_ras(pipe, config: RASConfig | None = None):
+    """Apply region-adaptive sampling to ``pipe`` (replacing an earlier RAS config). Returns ``pipe``.
+
+    Raises:
+        UnsupportedPipelineError: a UNet pipeline, a denoiser with custom/fused attention processors.
+    """
+    return apply_technique(pipe, _NAME, config)
+
+
+def remove_ras(pipe):
+    """Undo :func:`apply_ras` (no-op when not applied), restoring the pipeline bit-exactly. Returns ``pipe``."""
+    return remove_technique(pipe, _NAME)
 
 
 def _repair_new_forward(module, hook, name: str) -> None:
@@ -990,29 +981,12 @@ def _repair_new_forward(module, hook, name: str) -> None:
         fn_ref.forward = functools.update_wrapper(functools.partial(hook.new_forward, module), hook.new_forward)
 
 
-def remove_ras(pipe):
-    """Undo :func:`apply_ras` (no-op when not applied), restoring the pipeline bit-exactly. Returns ``pipe``."""
-    st = get_state(pipe)
-    if st is None or _NAME not in st.applied:
-        return pipe
-    saved = st.saved.pop(_NAME, {"hooks": [], "processors": []})
-    for module, name in reversed(saved["hooks"]):
-        remove_hook(module, name)
-    for attn, old in reversed(saved["processors"]):
-        attn.set_processor(old)
-    del st.applied[_NAME]
-    st.call_hooks.pop(_NAME, None)
-    detach_if_empty(pipe)
-    return pipe
-
-
-def _on_call(pipe, kwargs: dict) -> dict:
-    st = get_state(pipe)
-    st.saved[_NAME]["runtime"].new_call(st.call, kwargs)
+def _on_call(pipe, saved: dict, kwargs: dict) -> dict:
+    saved["runtime"].new_call(get_state(pipe).call, kwargs)
     return kwargs
 
 
-def _summary(pipe) -> dict:
+def _summary(pipe, saved: dict) -> dict:
     st = get_state(pipe)
     rec = st.last_call.get(_NAME) if st.last_call else None
     if not rec:
@@ -1031,8 +1005,10 @@ def _summary(pipe) -> dict:
 
 
 register_technique(Technique(
-    name=_NAME, config_cls=RASConfig, parse=_parse, apply=apply_ras, remove=remove_ras, to_string=_to_string,
-    check=_check, families=_FAMILIES, summary=_summary,
+    name=_NAME, config_cls=RASConfig, parse=_parse, to_string=_to_string, install=_install, uninstall=_uninstall,
+    on_call=_on_call, summary=_summary, check=_check, families=_FAMILIES,
+    family_hint=("RAS works on DiT pipelines (SD3/SD3.5, FLUX, PixArt-α/Σ, Sana, Lumina2, DiT): a UNet has no token "
+                 "sequence to subsample; for UNets use 'tome' or a step cache."),
     help="region-adaptive sampling: recompute only the image tokens in focus, reuse the rest (DiTs)",
     example="ras:0.5",
     incompatible={"tome": "both change the token set of the attention; apply only one"},

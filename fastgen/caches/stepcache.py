@@ -10,7 +10,7 @@ Both patch through diffusers hooks (no copied ``forward``), take the step index 
 keep their state per call and per denoiser call within a step, and report what they reused in
 ``fastgen.summary(pipe)["last_call"]["deepcache" | "blockcache"]``. Anchors for benchmarking (diffusers'
 FirstBlockCache/TaylorSeer with the cache context supplied, the DeepCache package) are in
-:mod:`fastgen.caches.anchors`.
+:mod:`fastgen.bench.anchors`.
 
 >>> import fastgen
 >>> from fastgen.testing import tiny_pipeline

@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import UnsupportedPipelineError
-from ..hooks import HookBase, add_hook, attach, detach_if_empty, get_state, remove_hook
+from ..api import apply_technique, remove_technique
+from ..hooks import HookBase, HookSet, get_state
 from ..registry import Technique, register_technique
 from ..utils.logging import get_logger
 
@@ -167,7 +168,7 @@ def bipartite_matching(metric_BNC: torch.Tensor, h: int, w: int, sx: int, sy: in
 class _ToMeState:
     config: ToMeConfig
     processors: dict = field(default_factory=dict)  # attention module -> original processor
-    ff_modules: list = field(default_factory=list)
+    hooks: HookSet = field(default_factory=HookSet)
     grid: tuple[int, int] | None = None  # top-level token grid of the current call
     cache: dict = field(default_factory=dict)  # key -> (step computed, Matching)
     merged: dict = field(default_factory=dict)  # tokens -> merged rows, for the summary
@@ -307,10 +308,6 @@ def _targets(pipe, adapter, cfg: ToMeConfig) -> list[tuple[str, torch.nn.Module,
 
 
 def _check(pipe, adapter, cfg: ToMeConfig) -> None:
-    if adapter.family not in _FAMILIES:
-        raise UnsupportedPipelineError(
-            f"ToMe supports {', '.join(_FAMILIES)} pipelines, not {type(pipe).__name__}; for FLUX, Sana and "
-            "Lumina2 use a step cache ('blockcache:...') or RAS ('ras:...')")
     targets = _targets(pipe, adapter, cfg)
     if adapter.is_unet:
         depth = {}
@@ -329,23 +326,9 @@ def _check(pipe, adapter, cfg: ToMeConfig) -> None:
                 f"blocks sit at downsample {levels} (SDXL has none at full resolution); use max_downsample={levels[0]}")
 
 
-def apply_tome(pipe, config: ToMeConfig | None = None):
-    """Merge tokens in ``pipe``'s transformer blocks (see :class:`ToMeConfig`). Safe to call twice. Returns ``pipe``."""
-    config = config or ToMeConfig()
-    if not isinstance(config, ToMeConfig):
-        raise TypeError(f"apply_tome expects a ToMeConfig, got {type(config).__name__}")
-    st0 = get_state(pipe)
-    if st0 is not None and _NAME in st0.applied:
-        remove_tome(pipe)
-    st = attach(pipe)
-    try:
-        _check(pipe, st.adapter, config)
-    except BaseException:
-        detach_if_empty(pipe)
-        raise
+def _install(pipe, st, config: ToMeConfig) -> _ToMeState:
     tstate = _ToMeState(config)
     merger = _Merger(pipe, tstate)
-    denoiser = st.adapter.denoiser(pipe)
     for key, attn, kind in _targets(pipe, st.adapter, config):
         tstate.processors[attn] = attn.processor
         attn.processor = _wrapper_class(type(attn.processor))(attn.processor, merger, key, cross=(kind == "cross"))
@@ -353,41 +336,34 @@ def apply_tome(pipe, config: ToMeConfig | None = None):
         for key, blk in st.adapter.blocks(pipe):
             ff = getattr(blk, "ff", None)
             if ff is not None:
-                add_hook(ff, _FFHook(merger, key), _FF_HOOK)
-                tstate.ff_modules.append(ff)
-    add_hook(denoiser, _SizeHook(tstate, st.adapter.patch_size(pipe)), _SIZE_HOOK)
-    st.saved[_NAME] = tstate
-    st.applied[_NAME] = config
-    st.call_hooks[_NAME] = _on_call
-    return pipe
+                tstate.hooks.add(ff, _FFHook(merger, key), _FF_HOOK)
+    tstate.hooks.add(st.adapter.denoiser(pipe), _SizeHook(tstate, st.adapter.patch_size(pipe)), _SIZE_HOOK)
+    return tstate
 
 
-def _on_call(pipe, kwargs: dict) -> dict:
-    t: _ToMeState = get_state(pipe).saved[_NAME]
+def _uninstall(pipe, st, tstate: _ToMeState) -> None:
+    for attn, proc in tstate.processors.items():
+        attn.processor = proc
+    tstate.hooks.remove_all()
+
+
+def _on_call(pipe, t: _ToMeState, kwargs: dict) -> dict:
     t.grid, t.cache, t.merged, t.calls = None, {}, {}, 0
     return kwargs
 
 
+def _summary(pipe, t: _ToMeState) -> dict:
+    return {"tokens_to_rows": {int(n): int(m) for n, m in t.merged.items()}, "merged_calls": t.calls}
+
+
+def apply_tome(pipe, config: ToMeConfig | None = None):
+    """Merge tokens in ``pipe``'s transformer blocks (see :class:`ToMeConfig`). Safe to call twice. Returns ``pipe``."""
+    return apply_technique(pipe, _NAME, config)
+
+
 def remove_tome(pipe):
     """Undo :func:`apply_tome`: original processors back, hooks removed. Returns ``pipe``."""
-    st = get_state(pipe)
-    if st is None or _NAME not in st.applied:
-        return pipe
-    tstate: _ToMeState = st.saved.pop(_NAME)
-    for attn, proc in tstate.processors.items():
-        attn.processor = proc
-    for ff in tstate.ff_modules:
-        remove_hook(ff, _FF_HOOK)
-    remove_hook(st.adapter.denoiser(pipe), _SIZE_HOOK)
-    del st.applied[_NAME]
-    st.call_hooks.pop(_NAME, None)
-    detach_if_empty(pipe)
-    return pipe
-
-
-def _summary(pipe) -> dict:
-    t: _ToMeState = get_state(pipe).saved[_NAME]
-    return {"tokens_to_rows": {int(n): int(m) for n, m in t.merged.items()}, "merged_calls": t.calls}
+    return remove_technique(pipe, _NAME)
 
 
 def _parse(args: str | None) -> ToMeConfig:
@@ -413,71 +389,9 @@ def _to_string(c: ToMeConfig) -> str:
 
 
 register_technique(Technique(
-    name=_NAME, config_cls=ToMeConfig, parse=_parse, apply=apply_tome, remove=remove_tome, to_string=_to_string,
-    check=_check, families=_FAMILIES, summary=_summary,
+    name=_NAME, config_cls=ToMeConfig, parse=_parse, to_string=_to_string, install=_install, uninstall=_uninstall,
+    on_call=_on_call, summary=_summary, check=_check, families=_FAMILIES,
+    family_hint="For FLUX, Sana and Lumina2 use a step cache ('blockcache:...') or RAS ('ras:...').",
     help="token merging around attention (UNet, PixArt, DiT, SD3); 'tome:0.5' or 'tome:0.5,max_downsample=2'",
     example="tome:0.5",
-))
-
-
-# --- anchor: tomesd (extra "anchors"), so `fastgen bench` can compare against it in the same run ----------
-
-@dataclass(frozen=True)
-class TomesdConfig:
-    """tomesd 0.1.3 as published (``tomesd.apply_patch(pipe, ratio=..., max_downsample=...)``): the comparison
-    anchor for ``tome``. Needs ``pip install 'fastgen[anchors]'``. Note tomesd caps ratios above 0.75
-    silently and is a no-op on SDXL with max_downsample=1 (we raise for both instead)."""
-
-    ratio: float = 0.5
-    max_downsample: int = 1
-
-    def __post_init__(self):
-        if not 0 <= self.ratio <= 0.75:
-            raise ValueError(f"tomesd ratio must be in [0, 0.75], got {self.ratio}")
-
-
-def apply_tomesd(pipe, config: TomesdConfig | None = None):
-    """Apply the tomesd anchor to a SD/SDXL pipeline (for side-by-side benchmarks). Returns ``pipe``."""
-    from ..errors import require_extra
-
-    config = config or TomesdConfig()
-    tomesd = require_extra("tomesd", "anchors", "the tomesd anchor")
-    st = attach(pipe)
-    if not st.adapter.is_unet:
-        detach_if_empty(pipe)
-        raise UnsupportedPipelineError(f"tomesd only patches SD/SDXL UNets, not {type(pipe).__name__}; use 'tome:...'")
-    tomesd.apply_patch(pipe, ratio=config.ratio, max_downsample=config.max_downsample)
-    st.applied["tomesd"] = config
-    return pipe
-
-
-def remove_tomesd(pipe):
-    """Remove the tomesd anchor. Returns ``pipe``."""
-    st = get_state(pipe)
-    if st is not None and "tomesd" in st.applied:
-        import tomesd
-
-        tomesd.remove_patch(pipe)
-        del st.applied["tomesd"]
-        detach_if_empty(pipe)
-    return pipe
-
-
-def _parse_tomesd(args: str | None) -> TomesdConfig:
-    if not args:
-        return TomesdConfig()
-    head, _, md = args.partition(",")
-    kw = {}
-    if md:
-        k, _, v = md.partition("=")
-        if k.strip() != "max_downsample":
-            raise ValueError(f"tomesd takes only max_downsample=N after the ratio, got {md!r}")
-        kw["max_downsample"] = int(v)
-    return TomesdConfig(float(head), **kw)
-
-
-register_technique(Technique(
-    name="tomesd", config_cls=TomesdConfig, parse=_parse_tomesd, apply=apply_tomesd, remove=remove_tomesd,
-    to_string=lambda c: f"tomesd:{c.ratio:g}" + (f",max_downsample={c.max_downsample}" if c.max_downsample != 1 else ""),
-    families=("sd", "sdxl"), help="anchor: tomesd 0.1.3 as published (extra 'anchors')", example="tomesd:0.5",
 ))

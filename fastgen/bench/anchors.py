@@ -1,5 +1,8 @@
-"""Anchors for the step caches, as recipes, so ``fastgen bench`` runs them beside ours in the same process.
+"""Anchors: other projects' accelerators, as recipes, so ``fastgen bench`` runs them beside ours in the same process.
 
+They are benchmark references, not fastgen techniques: each is applied as the other project publishes it.
+
+* ``"tomesd:0.5"`` — tomesd 0.1.3's ``apply_patch`` (the anchor for ``tome``; extra ``anchors``);
 * ``"diffusers-fbc:0.05"`` — diffusers' own ``FirstBlockCacheConfig`` (ParaAttention's First Block Cache);
 * ``"diffusers-taylorseer:5"`` — diffusers' ``TaylorSeerCacheConfig`` (cache interval 5, its defaults
   otherwise: 3 warm-up steps, order 1, bfloat16 factors);
@@ -23,16 +26,19 @@ from dataclasses import dataclass
 
 import torch
 
+from ..api import apply_technique, remove_technique
+from ..caches.deepcache import StepTracker
 from ..errors import UnsupportedPipelineError, require_extra
-from ..hooks import add_hook, attach, detach_if_empty, get_state, remove_hook
+from ..hooks import HookBase, add_hook, remove_hook
 from ..registry import Technique, register_technique
 from ..utils.logging import get_logger
-from ..hooks import HookBase
-from .deepcache import StepTracker
 
 logger = get_logger(__name__)
 
-__all__ = ["DiffusersFBCConfig", "DiffusersTaylorSeerConfig", "AnchorDeepCacheConfig", "AnchorCacheDiTConfig"]
+__all__ = ["TomesdConfig", "DiffusersFBCConfig", "DiffusersTaylorSeerConfig", "AnchorDeepCacheConfig",
+           "AnchorCacheDiTConfig", "apply_tomesd", "remove_tomesd", "apply_diffusers_fbc", "remove_diffusers_fbc",
+           "apply_diffusers_taylorseer", "remove_diffusers_taylorseer", "apply_anchor_deepcache",
+           "remove_anchor_deepcache", "apply_anchor_cachedit", "remove_anchor_cachedit"]
 
 _CTX_HOOK = "fastgen_cache_context"
 # families whose pipelines already wrap the denoiser call in ``cache_context``
@@ -92,7 +98,9 @@ class AnchorDeepCacheConfig:
     """The ``DeepCache`` package (``DeepCacheSDHelper``) on SD/SDXL pipelines, as published.
 
     Attributes:
-        interval: ``cache_interval`` (default 3). branch: ``cache_branch_id`` (default 0).
+        interval: ``cache_interval`` (default 3).
+        branch: ``cache_branch_id`` (default 0).
+
     Known limits of the package (kept as is): it finds the step with ``scheduler.timesteps.index(t)``, so
     it fails when the timestep is passed as a keyword or is not in the schedule.
     """
@@ -114,9 +122,11 @@ class AnchorCacheDiTConfig:
             first ``fn_blocks`` blocks' residual under which the middle blocks are skipped. Higher = faster
             and lossier; 0.05-0.3 on trained models.
         fn_blocks: ``Fn_compute_blocks`` (default 1; cache-dit's 8 asserts on models with fewer than 9
-            blocks). bn_blocks: ``Bn_compute_blocks`` (default 0).
+            blocks).
+        bn_blocks: ``Bn_compute_blocks`` (default 0).
         warmup_steps: ``max_warmup_steps`` (default 8, cache-dit's): steps always computed at the start.
         max_continuous: ``max_continuous_cached_steps`` (default -1, no limit).
+
     What differs from ``blockcache:`` (ours): cache-dit accumulates the change over consecutive cached
     steps and compares the accumulated value with the threshold; ours compares the change since the
     last full step. cache-dit patches ``pipe.__class__.__call__``; fastgen gives the pipeline its own
@@ -183,10 +193,7 @@ def _tidy(model: torch.nn.Module, before: dict) -> None:
         reg.invalidate_child_registries_cache()
 
 
-def _install_diffusers_cache(pipe, name: str, config, diffusers_config, hook_names: tuple[str, ...], apply_fn):
-    st = attach(pipe)
-    if name in st.applied:
-        _remove_diffusers_cache(pipe, name)
+def _install_diffusers_cache(pipe, st, diffusers_config, hook_names: tuple[str, ...], apply_fn) -> dict:
     model = st.adapter.denoiser(pipe)
     before = _snapshot(model)
     from diffusers.hooks import HookRegistry
@@ -202,24 +209,19 @@ def _install_diffusers_cache(pipe, name: str, config, diffusers_config, hook_nam
     ctx = _ContextHook(st)
     if own_context:
         add_hook(model, ctx, _CTX_HOOK)
-
-    def on_call(p, kw):
-        ctx.tracker = StepTracker()
-        HookRegistry.check_if_exists_or_initialize(model).reset_stateful_hooks(recurse=True)
-        return kw
-
-    st.saved[name] = {"model": model, "before": before, "mixin": uses_mixin, "hooks": hook_names,
-                      "own_context": own_context}
-    st.applied[name] = config
-    st.call_hooks[name] = on_call
-    return pipe
+    return {"model": model, "before": before, "mixin": uses_mixin, "hooks": hook_names, "own_context": own_context,
+            "ctx": ctx}
 
 
-def _remove_diffusers_cache(pipe, name: str):
-    st = get_state(pipe)
-    if st is None or name not in st.applied:
-        return pipe
-    saved = st.saved.pop(name)
+def _diffusers_cache_on_call(pipe, saved: dict, kwargs: dict) -> dict:
+    from diffusers.hooks import HookRegistry
+
+    saved["ctx"].tracker = StepTracker()
+    HookRegistry.check_if_exists_or_initialize(saved["model"]).reset_stateful_hooks(recurse=True)
+    return kwargs
+
+
+def _remove_diffusers_cache(pipe, st, saved: dict) -> None:
     model = saved["model"]
     if saved["own_context"]:
         remove_hook(model, _CTX_HOOK)
@@ -232,24 +234,24 @@ def _remove_diffusers_cache(pipe, name: str):
                 for h in saved["hooks"]:
                     reg.remove_hook(h, recurse=False)
     _tidy(model, saved["before"])
-    st.applied.pop(name, None)
-    st.call_hooks.pop(name, None)
-    detach_if_empty(pipe)
-    return pipe
+
+
+_UNET_FBC = ("diffusers' FirstBlockCache needs a transformer with block lists and this is a UNet; use 'deepcache:3' "
+             "(or 'anchor-deepcache:3')")
+_FBC_HINTS = {
+    "sd3": ("diffusers' FirstBlockCache crashes on SD3Transformer2DModel (its last JointTransformerBlock has "
+            "context_pre_only=True and returns encoder_hidden_states=None, which first_block_cache.py subtracts from: "
+            "TypeError); use fastgen's 'blockcache:0.08' on SD3"),
+    "sd": _UNET_FBC, "sdxl": _UNET_FBC,
+    "sana": "diffusers' FirstBlockCache does not know SanaTransformerBlock; use fastgen's 'blockcache:0.08'",
+    "lumina2": "diffusers' FirstBlockCache does not know Lumina2TransformerBlock; use fastgen's 'blockcache:0.08'",
+    "*": "diffusers' FirstBlockCache does not know this denoiser's blocks; use fastgen's 'blockcache:0.08'",
+}
 
 
 def _fbc_check(pipe, adapter, config) -> None:
     model = adapter.denoiser(pipe)
     cls = type(model).__name__
-    if adapter.family == "sd3":
-        raise UnsupportedPipelineError(
-            f"diffusers-fbc: diffusers' FirstBlockCache crashes on {cls} (its last JointTransformerBlock has "
-            "context_pre_only=True and returns encoder_hidden_states=None, which first_block_cache.py subtracts "
-            "from: TypeError); use fastgen's 'blockcache:0.08' on SD3")
-    if adapter.is_unet:
-        raise UnsupportedPipelineError(
-            f"diffusers-fbc: diffusers' FirstBlockCache needs a transformer with block lists and {cls} is a UNet; "
-            "use 'deepcache:3' (or 'anchor-deepcache:3')")
     from diffusers.hooks._common import _ALL_TRANSFORMER_BLOCK_IDENTIFIERS
     from diffusers.hooks._helpers import TransformerBlockRegistry
 
@@ -266,22 +268,22 @@ def _fbc_check(pipe, adapter, config) -> None:
         raise UnsupportedPipelineError(f"diffusers-fbc: {cls} has {len(blocks)} cacheable blocks; FirstBlockCache needs >= 2")
 
 
-def apply_diffusers_fbc(pipe, config: DiffusersFBCConfig | None = None):
-    """diffusers' ``FirstBlockCacheConfig(threshold)`` with the cache context supplied. Returns ``pipe``."""
+def _install_fbc(pipe, st, config: DiffusersFBCConfig) -> dict:
     from diffusers import FirstBlockCacheConfig, apply_first_block_cache
     from diffusers.hooks.first_block_cache import _FBC_BLOCK_HOOK, _FBC_LEADER_BLOCK_HOOK
 
-    from ..adapters import get_adapter
-
-    config = config or DiffusersFBCConfig()
-    _fbc_check(pipe, get_adapter(pipe), config)
-    return _install_diffusers_cache(pipe, "diffusers-fbc", config, FirstBlockCacheConfig(threshold=float(config.threshold)),
+    return _install_diffusers_cache(pipe, st, FirstBlockCacheConfig(threshold=float(config.threshold)),
                                     (_FBC_LEADER_BLOCK_HOOK, _FBC_BLOCK_HOOK), apply_first_block_cache)
+
+
+def apply_diffusers_fbc(pipe, config: DiffusersFBCConfig | None = None):
+    """diffusers' ``FirstBlockCacheConfig(threshold)`` with the cache context supplied. Returns ``pipe``."""
+    return apply_technique(pipe, "diffusers-fbc", config)
 
 
 def remove_diffusers_fbc(pipe):
     """Remove :func:`apply_diffusers_fbc`. Returns ``pipe``."""
-    return _remove_diffusers_cache(pipe, "diffusers-fbc")
+    return remove_technique(pipe, "diffusers-fbc")
 
 
 def _taylorseer_diffusers_config(adapter, config: DiffusersTaylorSeerConfig):
@@ -303,64 +305,55 @@ def _taylorseer_check(pipe, adapter, config) -> None:
             f"diffusers-taylorseer: no attention module of {type(model).__name__} matches {pats}; it would do nothing")
 
 
-def apply_diffusers_taylorseer(pipe, config: DiffusersTaylorSeerConfig | None = None):
-    """diffusers' ``TaylorSeerCacheConfig`` with the cache context supplied. Returns ``pipe``."""
+def _install_taylorseer(pipe, st, config: DiffusersTaylorSeerConfig) -> dict:
     from diffusers import apply_taylorseer_cache
     from diffusers.hooks.taylorseer_cache import _TAYLORSEER_CACHE_HOOK
 
-    from ..adapters import get_adapter
-
-    config = config or DiffusersTaylorSeerConfig()
-    adapter = get_adapter(pipe)
-    _taylorseer_check(pipe, adapter, config)
-    return _install_diffusers_cache(pipe, "diffusers-taylorseer", config, _taylorseer_diffusers_config(adapter, config),
+    return _install_diffusers_cache(pipe, st, _taylorseer_diffusers_config(st.adapter, config),
                                     (_TAYLORSEER_CACHE_HOOK,), apply_taylorseer_cache)
+
+
+def apply_diffusers_taylorseer(pipe, config: DiffusersTaylorSeerConfig | None = None):
+    """diffusers' ``TaylorSeerCacheConfig`` with the cache context supplied. Returns ``pipe``."""
+    return apply_technique(pipe, "diffusers-taylorseer", config)
 
 
 def remove_diffusers_taylorseer(pipe):
     """Remove :func:`apply_diffusers_taylorseer`. Returns ``pipe``."""
-    return _remove_diffusers_cache(pipe, "diffusers-taylorseer")
+    return remove_technique(pipe, "diffusers-taylorseer")
 
 
 # ---------------------------------------------------------------------------------------------------------
 # the DeepCache package
 
 
-def apply_anchor_deepcache(pipe, config: AnchorDeepCacheConfig | None = None):
-    """``DeepCache.DeepCacheSDHelper`` with ``cache_interval``/``cache_branch_id``. Returns ``pipe``."""
-    config = config or AnchorDeepCacheConfig()
+def _install_anchor_deepcache(pipe, st, config: AnchorDeepCacheConfig) -> dict:
     deepcache = require_extra("DeepCache", "anchors", "the anchor-deepcache recipe")
-    st = attach(pipe)
-    if "anchor-deepcache" in st.applied:
-        remove_anchor_deepcache(pipe)
-        st = attach(pipe)
-    if not st.adapter.is_unet:
-        detach_if_empty(pipe)
-        raise UnsupportedPipelineError(f"anchor-deepcache: DeepCache is UNet-only; {type(pipe).__name__} has a transformer")
     unet = st.adapter.denoiser(pipe)
     before = {id(m): "forward" in m.__dict__ for m in unet.modules()}
     helper = deepcache.DeepCacheSDHelper(pipe=pipe)
     helper.set_params(cache_interval=config.interval, cache_branch_id=config.branch)
     helper.enable()
-    st.saved["anchor-deepcache"] = {"helper": helper, "before": before}
-    st.applied["anchor-deepcache"] = config
-    return pipe
+    return {"helper": helper, "before": before}
 
 
-def remove_anchor_deepcache(pipe):
+def _uninstall_anchor_deepcache(pipe, st, saved: dict) -> None:
     """Disable the DeepCache helper and drop the ``forward`` attributes it leaves on the modules."""
-    st = get_state(pipe)
-    if st is None or "anchor-deepcache" not in st.applied:
-        return pipe
-    saved = st.saved.pop("anchor-deepcache")
     saved["helper"].disable()
     for m in st.adapter.denoiser(pipe).modules():
         fwd = m.__dict__.get("forward")
         if fwd is not None and not saved["before"].get(id(m), False) and getattr(fwd, "__func__", None) is type(m).forward:
             del m.forward
-    del st.applied["anchor-deepcache"]
-    detach_if_empty(pipe)
-    return pipe
+
+
+def apply_anchor_deepcache(pipe, config: AnchorDeepCacheConfig | None = None):
+    """``DeepCache.DeepCacheSDHelper`` with ``cache_interval``/``cache_branch_id``. Returns ``pipe``."""
+    return apply_technique(pipe, "anchor-deepcache", config)
+
+
+def remove_anchor_deepcache(pipe):
+    """Remove :func:`apply_anchor_deepcache`. Returns ``pipe``."""
+    return remove_technique(pipe, "anchor-deepcache")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -400,23 +393,19 @@ def _drop_new_attributes(pipe, model: torch.nn.Module, keys: dict[int, set]) -> 
             del m.__dict__[k]
 
 
-def apply_anchor_cachedit(pipe, config: AnchorCacheDiTConfig | None = None):
-    """``cache_dit.enable_cache(pipe, cache_config=DBCacheConfig(...))``. Returns ``pipe``."""
+def _cachedit_check(pipe, adapter, config: AnchorCacheDiTConfig) -> None:
+    n_blocks = len(adapter.blocks(pipe))
+    if config.fn_blocks + config.bn_blocks >= n_blocks:
+        raise ValueError(f"anchor-cachedit: F{config.fn_blocks} + B{config.bn_blocks} must leave blocks to cache; "
+                         f"{type(adapter.denoiser(pipe)).__name__} has {n_blocks}")
+
+
+def _install_anchor_cachedit(pipe, st, config: AnchorCacheDiTConfig) -> dict:
     import os
 
-    config = config or AnchorCacheDiTConfig()
     os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "warning")
     cache_dit = require_extra("cache_dit", "anchors", "the anchor-cachedit recipe")
-    st = attach(pipe)
-    if "anchor-cachedit" in st.applied:
-        remove_anchor_cachedit(pipe)
-        st = attach(pipe)
     model = st.adapter.denoiser(pipe)
-    n_blocks = len(st.adapter.blocks(pipe))
-    if config.fn_blocks + config.bn_blocks >= n_blocks:
-        detach_if_empty(pipe)
-        raise ValueError(f"anchor-cachedit: F{config.fn_blocks} + B{config.bn_blocks} must leave blocks to cache; "
-                         f"{type(model).__name__} has {n_blocks}")
     forward = model.__dict__.get("forward")  # diffusers' hook registry's partial, or none
     keys = {id(m): set(m.__dict__) for m in [pipe, *model.modules()]}  # cache-dit leaves stats attributes
     shared_class = type(pipe)
@@ -440,22 +429,15 @@ def apply_anchor_cachedit(pipe, config: AnchorCacheDiTConfig | None = None):
         _restore_forward(model, forward)
         _drop_new_attributes(pipe, model, keys)
         pipe.__class__ = shared_class
-        detach_if_empty(pipe)
         raise UnsupportedPipelineError(f"anchor-cachedit: cache-dit refused {type(pipe).__name__}: "
                                        f"{type(e).__name__}: {e}") from e
-    st.saved["anchor-cachedit"] = {"class": shared_class, "model": model, "forward": forward, "keys": keys}
-    st.applied["anchor-cachedit"] = config
-    return pipe
+    return {"class": shared_class, "model": model, "forward": forward, "keys": keys}
 
 
-def remove_anchor_cachedit(pipe):
+def _uninstall_anchor_cachedit(pipe, st, saved: dict) -> None:
     """``cache_dit.disable_cache(pipe)`` and back to the shared class."""
-    st = get_state(pipe)
-    if st is None or "anchor-cachedit" not in st.applied:
-        return pipe
     import cache_dit
 
-    saved = st.saved.pop("anchor-cachedit")
     model = saved["model"]
     # cache-dit restores with ``_original_forward.__get__(model)``, which a diffusers HookRegistry's
     # ``functools.partial`` forward (fastgen's step counter) does not have: put the forward back first
@@ -466,9 +448,16 @@ def remove_anchor_cachedit(pipe):
     del original
     _drop_new_attributes(pipe, model, saved["keys"])
     pipe.__class__ = saved["class"]
-    del st.applied["anchor-cachedit"]
-    detach_if_empty(pipe)
-    return pipe
+
+
+def apply_anchor_cachedit(pipe, config: AnchorCacheDiTConfig | None = None):
+    """``cache_dit.enable_cache(pipe, cache_config=DBCacheConfig(...))``. Returns ``pipe``."""
+    return apply_technique(pipe, "anchor-cachedit", config)
+
+
+def remove_anchor_cachedit(pipe):
+    """Remove :func:`apply_anchor_cachedit`. Returns ``pipe``."""
+    return remove_technique(pipe, "anchor-cachedit")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -515,17 +504,22 @@ def _parse_deepcache(args: str | None) -> AnchorDeepCacheConfig:
 
 register_technique(Technique(
     name="diffusers-fbc", config_cls=DiffusersFBCConfig, parse=lambda a: DiffusersFBCConfig(_float_arg(a, 0.05)),
-    apply=apply_diffusers_fbc, remove=remove_diffusers_fbc, to_string=lambda c: f"diffusers-fbc:{c.threshold:g}",
-    check=_fbc_check, families=("pixart", "dit", "flux"),  # the check says why not on the others
+    install=_install_fbc, uninstall=_remove_diffusers_cache, on_call=_diffusers_cache_on_call,
+    to_string=lambda c: f"diffusers-fbc:{c.threshold:g}",
+    check=_fbc_check, families=("pixart", "dit", "flux"),
+    family_hint=_FBC_HINTS,
     help="anchor: diffusers' FirstBlockCacheConfig (cache context supplied; not on SD3, Sana, Lumina2, UNets)",
     example="diffusers-fbc:0.05",
 ))
 register_technique(Technique(
     name="diffusers-taylorseer", config_cls=DiffusersTaylorSeerConfig, parse=_parse_taylorseer,
-    apply=apply_diffusers_taylorseer, remove=remove_diffusers_taylorseer, to_string=_ts_string, check=_taylorseer_check,
+    install=_install_taylorseer, uninstall=_remove_diffusers_cache, on_call=_diffusers_cache_on_call,
+    to_string=_ts_string, check=_taylorseer_check,
     help="anchor: diffusers' TaylorSeerCacheConfig on the attention modules (cache context supplied)",
     example="diffusers-taylorseer:5",
 ))
+
+
 def _parse_cachedit(args: str | None) -> AnchorCacheDiTConfig:
     if not args:
         return AnchorCacheDiTConfig()
@@ -552,17 +546,82 @@ def _cachedit_string(c: AnchorCacheDiTConfig) -> str:
 
 
 register_technique(Technique(
-    name="anchor-cachedit", config_cls=AnchorCacheDiTConfig, parse=_parse_cachedit, apply=apply_anchor_cachedit,
-    remove=remove_anchor_cachedit, to_string=_cachedit_string, families=("sd3", "flux", "pixart", "sana", "lumina2", "dit"),
+    name="anchor-cachedit", config_cls=AnchorCacheDiTConfig, parse=_parse_cachedit,
+    install=_install_anchor_cachedit, uninstall=_uninstall_anchor_cachedit, check=_cachedit_check,
+    to_string=_cachedit_string, families=("sd3", "flux", "pixart", "sana", "lumina2", "dit"),
     incompatible={"*": "anchor-cachedit is a benchmark reference and runs alone (cache-dit replaces the "
                        "denoiser's forward, which the other techniques' hooks would wrap)"},
     help="anchor: cache-dit's DBCache as published (extra 'anchors'); F1 by default (cache-dit's F8 needs 9+ blocks)",
     example="anchor-cachedit:0.08",
 ))
 register_technique(Technique(
-    name="anchor-deepcache", config_cls=AnchorDeepCacheConfig, parse=_parse_deepcache, apply=apply_anchor_deepcache,
-    remove=remove_anchor_deepcache,
+    name="anchor-deepcache", config_cls=AnchorDeepCacheConfig, parse=_parse_deepcache,
+    install=_install_anchor_deepcache, uninstall=_uninstall_anchor_deepcache,
     to_string=lambda c: f"anchor-deepcache:{c.interval}" + (f",b{c.branch}" if c.branch else ""),
     families=("sd", "sdxl"), help="anchor: the DeepCache package's DeepCacheSDHelper as published (extra 'anchors')",
     example="anchor-deepcache:3",
+))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# tomesd (the anchor for ``tome``)
+
+@dataclass(frozen=True)
+class TomesdConfig:
+    """tomesd 0.1.3 as published (``tomesd.apply_patch(pipe, ratio=..., max_downsample=...)``): the comparison
+    anchor for ``tome``. Needs ``pip install 'fastgen[anchors]'``. Note tomesd caps ratios above 0.75
+    silently and is a no-op on SDXL with max_downsample=1 (we raise for both instead).
+
+    Attributes:
+        ratio: tomesd's ``ratio``, the fraction of tokens merged (default 0.5). Range 0-0.75.
+        max_downsample: tomesd's ``max_downsample`` (default 1 = top level only; SDXL needs 2). Range 1-8.
+    """
+
+    ratio: float = 0.5
+    max_downsample: int = 1
+
+    def __post_init__(self):
+        if not 0 <= self.ratio <= 0.75:
+            raise ValueError(f"tomesd ratio must be in [0, 0.75], got {self.ratio}")
+
+
+def _install_tomesd(pipe, st, config: TomesdConfig) -> None:
+    tomesd = require_extra("tomesd", "anchors", "the tomesd anchor")
+    tomesd.apply_patch(pipe, ratio=config.ratio, max_downsample=config.max_downsample)
+
+
+def _uninstall_tomesd(pipe, st, handle: None) -> None:
+    import tomesd
+
+    tomesd.remove_patch(pipe)
+
+
+def apply_tomesd(pipe, config: TomesdConfig | None = None):
+    """Apply the tomesd anchor to a SD/SDXL pipeline (for side-by-side benchmarks). Returns ``pipe``."""
+    return apply_technique(pipe, "tomesd", config)
+
+
+def remove_tomesd(pipe):
+    """Remove the tomesd anchor. Returns ``pipe``."""
+    return remove_technique(pipe, "tomesd")
+
+
+def _parse_tomesd(args: str | None) -> TomesdConfig:
+    if not args:
+        return TomesdConfig()
+    head, _, md = args.partition(",")
+    kw = {}
+    if md:
+        k, _, v = md.partition("=")
+        if k.strip() != "max_downsample":
+            raise ValueError(f"tomesd takes only max_downsample=N after the ratio, got {md!r}")
+        kw["max_downsample"] = int(v)
+    return TomesdConfig(float(head), **kw)
+
+
+register_technique(Technique(
+    name="tomesd", config_cls=TomesdConfig, parse=_parse_tomesd, install=_install_tomesd, uninstall=_uninstall_tomesd,
+    to_string=lambda c: f"tomesd:{c.ratio:g}" + (f",max_downsample={c.max_downsample}" if c.max_downsample != 1 else ""),
+    families=("sd", "sdxl"), family_hint="tomesd only patches SD/SDXL UNets; use 'tome:...'",
+    help="anchor: tomesd 0.1.3 as published (extra 'anchors')", example="tomesd:0.5",
 ))
