@@ -395,8 +395,8 @@ def test_init_from_a_saved_pipeline(tmp_path):
 
 
 def test_quality_report_rows(tmp_path, monkeypatch):
-    """`python -m fastgen.zoo.report`: one row per step count plus the real-image ceiling and chance rows."""
-    from fastgen.zoo import report
+    """`fastgen experiment zoo-report`: one row per step count plus the real-image ceiling and chance rows."""
+    from fastgen.bench.experiments import zoo_report as report
 
     pipe = T.build_pipeline("shapes-mmdit", TINY["shapes-mmdit"])
     T.save_pipeline(pipe, tmp_path / "p", meta={"model": "shapes-mmdit"})
