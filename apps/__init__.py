@@ -1,1 +1,1 @@
-"""apps: the Gradio comparison app (extra ``app``): ``fastgen app`` or ``python -m fastgen.apps.app``; see :mod:`apps.app`."""
+"""apps: the Gradio comparison app (extra ``app``): ``fastgen app``; see :mod:`apps.app`."""

@@ -1,6 +1,6 @@
 """fastgen's comparison app: baseline vs accelerated, same prompt and seed, measured on the chosen target.
 
-``fastgen app`` (or ``python -m fastgen.apps.app``) serves a Gradio page: pick a model (the zoo's trained
+``fastgen app`` serves a Gradio page: pick a model (the zoo's trained
 defaults, a tiny pipeline of any family, or a local diffusers folder / hub id typed in), a prompt (a class
 name for class-conditional models), seed, steps, CFG, a baseline recipe and an accelerated recipe, and a
 target. It shows both images side by side, latency, paired speedup, peak memory, same-seed PSNR/SSIM, the
@@ -123,16 +123,16 @@ def model_choices() -> list[str]:
 
 def default_model() -> str:
     """The zoo's default model when its weights are installed, else ``tiny-sd3`` (as the CLI)."""
-    from fastgen.cli import _default_model
+    from fastgen.models import default_model as _default
 
-    return _default_model()
+    return _default()
 
 
 def _class_conditional_name(model: str) -> bool:
-    from fastgen.testing import _SPECS
+    from fastgen.testing import KINDS, is_class_conditional
 
     kind = model.split("-", 1)[-1]
-    return model.startswith(("tiny-", "bench-")) and kind in _SPECS and _SPECS[kind].class_conditional
+    return model.startswith(("tiny-", "bench-")) and kind in KINDS and is_class_conditional(kind)
 
 
 def model_defaults(model: str) -> dict[str, Any]:
@@ -252,11 +252,11 @@ def _settings(model: str, pipe, steps: int, cfg: float | None, prompts: Sequence
         if cfg is None:
             cfg = d.get("guidance_scale")
     elif model.startswith(("tiny-", "bench-")) and not _class_conditional_name(model):
-        from fastgen.testing import _SPECS
+        from fastgen.testing import KINDS, tiny_resolution
 
         kind = model.split("-", 1)[-1]
-        if kind in _SPECS:
-            height, width = _SPECS[kind].tiny_hw
+        if kind in KINDS:
+            height, width = tiny_resolution(kind)
     return BenchSettings(steps=int(steps), prompts=tuple(prompts), seeds=tuple(int(s) for s in seeds), height=height,
                          width=width, guidance_scale=None if cfg is None else float(cfg), repeats=int(repeats),
                          warmup=0, extra_call_kwargs=extra)
@@ -457,10 +457,10 @@ def find_fastest(
     prompts: Sequence[str] = TUNE_PROMPTS
     n_confirm = 4
     if _is_zoo(model):
-        from fastgen.cli import _zoo_quality_fn
         from fastgen.zoo import shapes
+        from fastgen.zoo.evaluate import score as zoo_score
 
-        quality_fn = _zoo_quality_fn
+        quality_fn = zoo_score
         n_confirm = 8
         prompts = shapes.sample_prompts(n_confirm, shapes.EVAL_SEED)
     elif _class_conditional_name(model):
@@ -773,15 +773,3 @@ def launch_kwargs(demo) -> dict:
     """Extra ``demo.launch`` keyword arguments this gradio version needs (gradio 6 takes the theme there)."""
     return dict(getattr(demo, "_fastgen_launch_kw", {}))
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m fastgen.apps.app [--model M] [--host H] [--port P] [--share yes|no]`` (same as ``fastgen app``)."""
-    import sys
-
-    from fastgen.cli import main as cli_main
-
-    return cli_main(["app", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -9,9 +9,9 @@
 * :mod:`distill.models`: the guidance-conditioned SD3 student class (imported here so that saved
   students load with ``DiffusionPipeline.from_pretrained`` after ``import distill``).
 
-CLI: ``python -m fastgen.distill.guidance --teacher shapes-unet --output runs/gd`` and
-``python -m fastgen.distill.consistency --method lcm|scm --teacher ... --output ...`` (also under
-``accelerate launch -m``). See README "Distillation".
+CLI: ``fastgen train guidance --teacher shapes-unet --output runs/gd`` and
+``fastgen train consistency --method lcm|scm --teacher ... --output ...`` (also under
+``accelerate launch -m fastgen.distill.guidance|consistency``). See README "Distillation".
 """
 
 from __future__ import annotations

@@ -83,11 +83,11 @@ the plain ``SD3Transformer2DModel`` class (every SD3 fastgen technique applies):
 
 CLI (also ``accelerate launch -m fastgen.distill.consistency ...``)::
 
-    python -m fastgen.distill.consistency --method lcm --teacher shapes-unet --output runs/lcm --steps 2000
-    python -m fastgen.distill.consistency --method lcm --teacher runs/gd-unet/pipeline --output runs/lcm-gd  # GD teacher
-    python -m fastgen.distill.consistency --method lcm --teacher shapes-unet --init-student runs/gd-unet/pipeline \
+    fastgen train consistency --method lcm --teacher shapes-unet --output runs/lcm --steps 2000
+    fastgen train consistency --method lcm --teacher runs/gd-unet/pipeline --output runs/lcm-gd  # GD teacher
+    fastgen train consistency --method lcm --teacher shapes-unet --init-student runs/gd-unet/pipeline \
         --phases 4 --num-ddim-timesteps 20 --output runs/pcm    # CFG targets, GD-initialised phased student
-    python -m fastgen.distill.consistency --method scm --teacher shapes-mmdit --output runs/scm --steps 2000
+    fastgen train consistency --method scm --teacher shapes-mmdit --output runs/scm --steps 2000
 """
 
 from __future__ import annotations
@@ -104,6 +104,7 @@ from typing import Any, ClassVar
 import torch
 
 from fastgen.errors import UnsupportedPipelineError
+from fastgen.utils.commands import CommandParser
 from fastgen.utils.logging import get_logger
 
 from .common import (
@@ -359,7 +360,7 @@ class LCMTrainer(DistillTrainer):
         fam = self.family
         if isinstance(fam, FlowFamily):
             raise _method_error("LCM", fam, "it is a flow-matching model (velocity prediction); LCM here needs an "
-                                "epsilon or v-prediction UNet. Use sCM: `python -m fastgen.distill.consistency --method scm`")
+                                "epsilon or v-prediction UNet. Use sCM: `fastgen train consistency --method scm`")
         if self.teacher_takes_guidance and not self.cfg.guidance_embed:
             raise _method_error("LCM", fam, "its UNet already takes the guidance weight (time_cond_proj_dim, a "
                                 "guidance-distilled teacher), so the student keeps that input: drop "
@@ -614,7 +615,7 @@ class SCMTrainer(DistillTrainer):
         if not isinstance(fam, FlowFamily):
             raise _method_error("sCM", fam, f"it is a {fam.prediction_type}-prediction diffusion UNet, not a "
                                 "flow-matching model; sCM's training-free TrigFlow conversion needs a rectified-flow "
-                                "teacher. Use LCM: `python -m fastgen.distill.consistency --method lcm`")
+                                "teacher. Use LCM: `fastgen train consistency --method lcm`")
 
     @property
     def student_takes_g(self) -> bool:
@@ -825,7 +826,7 @@ def distill_consistency(teacher_pipe, method: str, cfg: DistillConfig | None = N
                         prompts: list[str] | None = None, resume: bool = False, eval_fn=None,
                         choose_mid_t_prompts: int = 0):
     """Consistency distillation (``method`` ``"lcm"`` or ``"scm"``) of ``teacher_pipe`` into ``out``
-    (Python API of ``python -m fastgen.distill.consistency``).
+    (Python API of ``fastgen train consistency``).
 
     ``choose_mid_t_prompts`` (sCM, zoo teachers, 2-step students): after training, pick the intermediate
     time with :func:`choose_mid_t` on that many calibration prompts, then evaluate and save with it.
@@ -861,13 +862,20 @@ def distill_consistency(teacher_pipe, method: str, cfg: DistillConfig | None = N
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m fastgen.distill.consistency --method lcm|scm --teacher T --output DIR [...]``."""
+    """``fastgen train consistency --method lcm|scm --teacher T --output DIR [...]`` (see ``--help``; also
+    ``accelerate launch -m fastgen.distill.consistency``)."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--method", choices=sorted(_METHODS), default=None)
     known, _ = pre.parse_known_args(argv)
     method = known.method or "lcm"
     cfg_cls = _METHODS[method][0]
-    ap = argparse.ArgumentParser(prog="python -m fastgen.distill.consistency", description=__doc__.split("\n\n")[0])
+    ap = CommandParser(prog="fastgen train consistency", description=__doc__.split("\n\n")[0],
+                       example="fastgen train consistency --method lcm --teacher shapes-unet --output runs/lcm "
+                               "--steps 2000\n"
+                               "fastgen train consistency --method scm --teacher shapes-mmdit --output runs/scm "
+                               "--steps 2000\n"
+                               "accelerate launch -m fastgen.distill.consistency --method scm --teacher path/to/sd3 "
+                               "--output runs/scm-sd3")
     ap.add_argument("--method", choices=sorted(_METHODS), required=True,
                     help="lcm: epsilon/v UNets (SD, SDXL); scm: flow-matching MMDiTs (SD3)")
     add_common_args(ap, cfg_cls())

@@ -36,13 +36,12 @@ output space (MSE there). ``t`` runs over the student's inference grid (``DDIMSc
 
 CLI (also ``accelerate launch -m fastgen.distill.guidance ...``)::
 
-    python -m fastgen.distill.guidance --teacher shapes-unet --output runs/gd-unet --steps 2000 [--progressive-rounds 3]
-    python -m fastgen.distill.guidance --teacher path/to/sd3 --prompts prompts.txt --output runs/gd-sd3 --resume
+    fastgen train guidance --teacher shapes-unet --output runs/gd-unet --steps 2000 [--progressive-rounds 3]
+    fastgen train guidance --teacher path/to/sd3 --prompts prompts.txt --output runs/gd-sd3 --resume
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 from dataclasses import dataclass, replace
@@ -52,6 +51,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from fastgen.utils.commands import CommandParser
 from fastgen.utils.logging import get_logger
 
 from .common import (
@@ -353,7 +353,7 @@ class ProgressiveTrainer(_GuidanceBase):
 
 def distill_guidance(teacher_pipe, cfg: GuidanceConfig, out: str | os.PathLike, *, zoo_name: str | None = None,
                      prompts: list[str] | None = None, resume: bool = False, eval_fn=None):
-    """Guidance distillation of ``teacher_pipe`` into ``out`` (Python API of ``python -m fastgen.distill.guidance``).
+    """Guidance distillation of ``teacher_pipe`` into ``out`` (Python API of ``fastgen train guidance``).
 
     Stage 1 runs ``cfg.steps`` steps in ``out``; each of ``cfg.progressive_rounds`` halving rounds runs
     ``cfg.progressive_steps_per_round`` steps in ``out/round{r}`` (student ``start/2^r`` steps). The final
@@ -386,8 +386,13 @@ def distill_guidance(teacher_pipe, cfg: GuidanceConfig, out: str | os.PathLike, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m fastgen.distill.guidance --teacher T --output DIR [...]`` (see ``--help``)."""
-    ap = argparse.ArgumentParser(prog="python -m fastgen.distill.guidance", description=__doc__.split("\n\n")[0])
+    """``fastgen train guidance --teacher T --output DIR [...]`` (see ``--help``; also
+    ``accelerate launch -m fastgen.distill.guidance``)."""
+    ap = CommandParser(prog="fastgen train guidance", description=__doc__.split("\n\n")[0],
+                       example="fastgen train guidance --teacher shapes-unet --output runs/gd-unet --steps 2000 "
+                               "--progressive-rounds 3\n"
+                               "accelerate launch -m fastgen.distill.guidance --teacher path/to/sd3 --prompts "
+                               "prompts.txt --output runs/gd-sd3 --resume")
     add_common_args(ap, GuidanceConfig())
     args = ap.parse_args(argv)
     setup_cli_logging(args.threads)

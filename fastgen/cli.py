@@ -1,7 +1,10 @@
-"""The ``fastgen`` command: ``demo``, ``bench``, ``tune``, ``app``, ``export``, ``info``.
+"""The ``fastgen`` command: ``demo``, ``bench``, ``profile``, ``tune``, ``app``, ``export``, ``train``,
+``experiment``, ``docs``, ``info``.
 
-Errors in what the user typed (unknown recipe, model, bad sizes) print one line and exit with status 2;
-no traceback.
+``fastgen train KIND ...`` and ``fastgen experiment NAME ...`` hand the rest of the command line to the
+``main(argv)`` of the training module or research script (:data:`TRAIN`, :data:`EXPERIMENTS`); their
+``--help`` is that module's. Errors in what the user typed (unknown recipe, model, bad sizes, a bad option)
+print one line and exit with status 2; no traceback.
 """
 
 from __future__ import annotations
@@ -11,12 +14,15 @@ import importlib.util
 import json
 import os
 import sys
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
 
 from .errors import FastgenError
+from .models import DEFAULT_MODEL, FALLBACK_MODEL, default_model
+from .utils.commands import CommandParser
 from .utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -25,19 +31,8 @@ DEMO_RECIPE = "sampler:dpm++2m@8"
 #: The demo's recipe per zoo model where a better one ships (the tuned 8-step schedule: 3.2x at 0.590 vs 0.610;
 #: the 4-step LCM student at 2 of its own steps: 0.595 vs 0.615 on 200 held-out prompts).
 DEMO_RECIPES = {"shapes-mmdit": "schedule:shapes-mmdit-euler8", "shapes-unet-lcm": "steps:2"}
-#: The trained default model (``fastgen/zoo``); ``FALLBACK_MODEL`` when its weights are not installed.
-DEFAULT_MODEL = "shapes-mmdit"
-FALLBACK_MODEL = "tiny-sd3"
 #: Held-out prompts the demo/bench score on a zoo model (``--prompts-n`` changes it).
 ZOO_PROMPTS = 16
-
-
-def _default_model() -> str:
-    from . import zoo
-
-    if (zoo.weights_path(DEFAULT_MODEL) / "model_index.json").exists():
-        return DEFAULT_MODEL
-    return FALLBACK_MODEL
 
 
 def _is_zoo(name: str) -> bool:
@@ -45,14 +40,17 @@ def _is_zoo(name: str) -> bool:
 
     if name in zoo.AR_MODELS:
         raise FastgenError(f"{name!r} is a next-scale AR model (VARPipeline): demo/bench run diffusers pipelines; "
-                           f"evaluate it with `python -m fastgen.ar.evaluate` (see the README's VAR section)")
+                           f"evaluate it with `fastgen experiment var-eval --model {name}` (see the README's VAR section)")
     return name in zoo.list()
 
 
-def _zoo_quality_fn(prompts: list[str], images: np.ndarray) -> dict:
-    from .zoo import evaluate
+def _quality_fn(model: str):
+    """The zoo's exact evaluator (:func:`fastgen.zoo.evaluate.score`) for a zoo model, else None."""
+    if not _is_zoo(model):
+        return None
+    from .zoo.evaluate import score
 
-    return evaluate.score(prompts, images)
+    return score
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -99,11 +97,11 @@ def _settings(args):
             raise FastgenError("--tokens works with tiny-*/bench-* models; give --height/--width for others")
         height, width = bench_resolution(kind, args.tokens, size="bench" if args.model.startswith("bench-") else "tiny")
     elif height is None and args.model.startswith(("tiny-", "bench-")):
-        from .testing import _SPECS
+        from .testing import KINDS, tiny_resolution
 
         kind = args.model.split("-", 1)[-1]
-        if kind in _SPECS and not _SPECS[kind].class_conditional:
-            height, width = _SPECS[kind].tiny_hw
+        if kind in KINDS and tiny_resolution(kind) is not None:
+            height, width = tiny_resolution(kind)
     kw = dict(steps=args.steps, height=height, width=width or height, guidance_scale=args.guidance_scale,
               repeats=args.repeats, warmup=args.warmup, seeds=tuple(args.seeds))
     if args.prompt:
@@ -160,7 +158,7 @@ def cmd_bench(args) -> int:
 
     recipes, settings, pipe = _recipes_settings_pipe(args)
     rows = benchmark(pipe, recipes, settings, model_name=args.model, progress=not args.no_progress,
-                     quality_fn=_zoo_quality_fn if _is_zoo(args.model) else None)
+                     quality_fn=_quality_fn(args.model))
     table = markdown_table(rows)
     sys.stdout.write(table)
     if args.json:
@@ -212,14 +210,14 @@ def cmd_demo(args) -> int:
 
     args.recipe = args.recipe or DEMO_RECIPES.get(args.model, DEMO_RECIPE)
     parse_recipe(args.recipe)
-    if args.model == FALLBACK_MODEL and _default_model() == FALLBACK_MODEL:
+    if args.model == FALLBACK_MODEL and default_model() == FALLBACK_MODEL:
         sys.stderr.write(f"fastgen demo: the weights of {DEFAULT_MODEL!r} are not installed; running on the tiny "
                          f"random-weight pipeline {FALLBACK_MODEL!r}: images are noise-like, speed ratios are real.\n")
     settings = _settings(args)
     pipe = _load(args)
     os.makedirs(args.out, exist_ok=True)
     rows = benchmark(pipe, ["baseline", args.recipe], settings, model_name=args.model, progress=not args.no_progress,
-                     keep_images=True, quality_fn=_zoo_quality_fn if _is_zoo(args.model) else None)
+                     keep_images=True, quality_fn=_quality_fn(args.model))
     grid_rows = [(r["recipe"], r.pop("images")) for r in rows]
     _grid(grid_rows, os.path.join(args.out, "grid.png"))
     write_json(rows, os.path.join(args.out, "results.json"))
@@ -257,7 +255,7 @@ def cmd_tune(args) -> int:
             sys.stderr.write("\n")
 
     res = tune(pipe, settings, budget, config=config, model_name=args.model,
-               quality_fn=_zoo_quality_fn if zoo_model else None, progress=None if args.no_progress else progress)
+               quality_fn=_quality_fn(args.model), progress=None if args.no_progress else progress)
     sys.stdout.write(format_result(res))
     if args.json:
         res.write_json(args.json)
@@ -289,11 +287,11 @@ def _export_call_kwargs(args, pipe) -> dict:
         kw = default_call_kwargs(pipe, args.prompt or "a red circle left of a blue square", steps=4)
         kind = args.model.split("-", 1)[-1]
         if args.model.startswith(("tiny-", "bench-")):
-            from .testing import _SPECS, bench_resolution
+            from .testing import KINDS, bench_resolution, tiny_resolution
 
-            if kind in _SPECS and not _SPECS[kind].class_conditional:
+            if kind in KINDS and tiny_resolution(kind) is not None:
                 kw["height"], kw["width"] = (bench_resolution(kind, 1024) if args.model.startswith("bench-")
-                                             else _SPECS[kind].tiny_hw)
+                                             else tiny_resolution(kind))
     if args.height:
         kw["height"] = args.height
     if args.width:
@@ -387,7 +385,7 @@ def _export_int8(pipe, args, kw: dict, check: bool):
             with quant.quant_mode(pipe, "fp"):
                 rep.torch_ms = med(lambda: den(**inputs))
             rep.notes.append("latency: int8 static eager (no compile) vs fp32 eager; compiled numbers: "
-                             "python -m fastgen.quant.bench_int8")
+                             "fastgen experiment int8")
     return rep
 
 
@@ -419,18 +417,117 @@ def cmd_info(args) -> int:
     return 0
 
 
+# --- fastgen train / experiment: the training modules' and research scripts' own main(argv) -------------------
+
+
+@dataclass(frozen=True)
+class Forward:
+    """A subcommand that hands its arguments to ``MODULE.FUNCTION(argv) -> int`` (imported when it runs).
+
+    ``runner``: ``"module:function"`` called as ``runner(lambda: main(argv))`` (the distillation modules' error
+    wrapper); ``example``: printed after the module's ``--help`` when its parser shows none."""
+
+    target: str
+    help: str
+    runner: str | None = None
+    example: str | None = None
+
+    def resolve(self, name: str):
+        module, _, function = name.partition(":")
+        return getattr(importlib.import_module(module), function or "main")
+
+    def __call__(self, argv: list[str]) -> int:
+        main = self.resolve(self.target)
+        try:
+            if self.runner:
+                return self.resolve(self.runner)(lambda: main(argv))
+            return main(argv)
+        except SystemExit as e:
+            if self.example and e.code in (0, None) and ("-h" in argv or "--help" in argv):
+                sys.stdout.write("\nExample:\n  " + self.example.replace("\n", "\n  ") + "\n")
+            raise
+
+
+#: ``fastgen train KIND ...``. Distillation and VAR keep ``python -m`` for ``accelerate launch -m``.
+TRAIN: dict[str, Forward] = {
+    "zoo": Forward("fastgen.zoo.train:main", "train a zoo text-to-image model (shapes-mmdit, shapes-unet) from "
+                                             "scratch on the shapes world, or export a run's weights"),
+    "guidance": Forward("fastgen.distill.guidance:main", "guidance distillation (one forward per step instead of "
+                                                         "CFG's two), optionally progressive halving of steps",
+                        runner="fastgen.distill.common:run_cli"),
+    "consistency": Forward("fastgen.distill.consistency:main", "consistency distillation: LCM (UNets) or sCM "
+                                                               "(flow MMDiTs) few-step students",
+                           runner="fastgen.distill.common:run_cli"),
+    "qalora": Forward("fastgen.quant.trainer:main", "EfficientDM QALoRA: quantize a denoiser (W4A8, W8A8, ...) and "
+                                                    "fine-tune it against its full-precision self",
+                      example="fastgen train qalora --model shapes-mmdit --bits w4a8 --out runs/q-w4a8 --steps 400"),
+    "var": Forward("fastgen.ar.train:main", "train a next-scale AR model: the VQ-VAE (vae), the VAR (var), or "
+                                            "export a run (export)"),
+}
+
+#: ``fastgen experiment NAME ...``: the research scripts behind the README's tables.
+EXPERIMENTS: dict[str, Forward] = {
+    "ras": Forward("fastgen.bench.experiments.ras:main", "RAS: FLOP-ideal speedup (flops), selection rules "
+                                                         "(rules), RAS vs fewer steps at equal latency (pareto)"),
+    "int8": Forward("fastgen.bench.experiments.int8:main", "per-denoiser-call latency of fp32 vs real int8 kernels "
+                                                           "(eager and compiled)"),
+    "ptq": Forward("fastgen.bench.experiments.ptq:main", "same-seed PSNR and score of PTQ vs QALoRA against FP, "
+                                                         "from a `fastgen train qalora` run"),
+    "sampler-table": Forward("fastgen.bench.experiments.sampler_table:main", "every sampler on a zoo model: score, "
+                                                                             "PSNR/SSIM vs a many-step reference"),
+    "zoo-report": Forward("fastgen.bench.experiments.zoo_report:main", "a zoo model's quality table: evaluator "
+                                                                       "scores at several step counts"),
+    "var-eval": Forward("fastgen.bench.experiments.var_eval:main", "speed and quality of VAR recipes on digits-var; "
+                                                                   "the VAR-d16 speed probe"),
+    "schedule-search": Forward("fastgen.samplers.schedule:main", "search a tuned N-step timestep schedule for a zoo "
+                                                                 "model (the schedule: recipe)"),
+    "skip-tuning": Forward("fastgen.samplers.skip_tuning:main", "search Skip-Tuning's skip scales on a UNet zoo "
+                                                                "model and score them on held-out prompts"),
+}
+
+_FORWARDS = {"train": TRAIN, "experiment": EXPERIMENTS}
+
+
+def cmd_docs(args) -> int:
+    if importlib.util.find_spec("fastgen.docgen") is None:
+        raise FastgenError("fastgen docs needs fastgen.docgen (the documentation generator), which this "
+                           "installation does not have; update fastgen")
+    from . import docgen
+
+    return docgen.main(["--check"] if args.check else [])
+
+
+def _forward_group(group: str, parser: argparse.ArgumentParser) -> None:
+    """``fastgen train|experiment``: one listed sub-parser per kind (the arguments never reach them: :func:`main`
+    hands ``fastgen GROUP KIND ...`` to the kind's ``main``)."""
+    kinds = parser.add_subparsers(dest="kind", required=True, metavar="{" + ",".join(_FORWARDS[group]) + "}")
+    for name, fw in _FORWARDS[group].items():
+        kinds.add_parser(name, help=fw.help, add_help=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastgen", description="Make diffusers image generators faster, and measure it.")
+    parser = CommandParser(
+        prog="fastgen", description="Make diffusers image generators faster, and measure it.",
+        example="fastgen demo\nfastgen bench --model tiny-sd3 --recipe baseline --recipe sampler:dpm++2m@8\n"
+                "fastgen train --help\nfastgen experiment --help")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="baseline vs an accelerated recipe on the default model: table + image grid")
+    p = sub.add_parser("demo", help="baseline vs an accelerated recipe on the default model: table + image grid",
+                       description="Run the baseline and one accelerated recipe on the default model (or --model) "
+                                   "and write a comparison table\nand an image grid (grid.png, results.json, "
+                                   "results.md) to --out.",
+                       example="fastgen demo\nfastgen demo --model tiny-sd3 --recipe sampler:dpm++2m@8 --out demo")
     _add_common(p)
     p.add_argument("--recipe", default=None, help="accelerated recipe (default: " + ", ".join(
         f"{r} on {m}" for m, r in DEMO_RECIPES.items()) + f", else {DEMO_RECIPE})")
     p.add_argument("--out", default="fastgen-demo", help="output folder for grid.png and results")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("bench", help="benchmark recipes side by side (JSON, Markdown, Pareto plot)")
+    p = sub.add_parser("bench", help="benchmark recipes side by side (JSON, Markdown, Pareto plot)",
+                       description="Benchmark recipes side by side on one model: paired interleaved timing, peak "
+                                   "memory, same-seed PSNR/SSIM\n(and the exact evaluator's score on zoo models).",
+                       example="fastgen bench --model shapes-mmdit --recipe baseline --recipe ras:0.5 "
+                               "--recipe sampler:dpm++2m@8 --json rows.json --plot pareto.png")
     _add_common(p)
     p.add_argument("--recipe", action="append", help="recipe string (repeatable), e.g. 'sampler:dpm++2m@8'")
     p.add_argument("--json", help="write rows as JSON here")
@@ -440,14 +537,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("profile", help="one denoiser forward per recipe: time and self CPU time per op kind and "
-                                       "op/shape (what a technique can win at best)")
+                                       "op/shape (what a technique can win at best)",
+                       description="Profile one denoiser forward per recipe: time and self CPU time per op kind and "
+                                   "per op/shape\n(what a technique can win at best).",
+                       example="fastgen profile --model bench-sd3 --tokens 4096 --recipe baseline --recipe tome:0.5")
     _add_common(p)
     p.add_argument("--recipe", action="append", help="recipe string (repeatable); the first is the reference")
     p.add_argument("--top", type=int, default=12, help="op rows shown per recipe")
     p.add_argument("--json", help="write every row (all ops) as JSON here")
     p.set_defaults(func=cmd_profile)
 
-    p = sub.add_parser("tune", help="search recipes for the fastest one within a quality budget, timed on the target")
+    p = sub.add_parser("tune", help="search recipes for the fastest one within a quality budget, timed on the target",
+                       description="Search the recipe space for the fastest recipe within a quality budget, timed on "
+                                   "the target hardware:\nscreen candidates on a few prompts, confirm the best on "
+                                   "--prompts-n.",
+                       example="fastgen tune --model shapes-mmdit --budget 'score>=0.97*baseline' --json tuned.json")
     _add_common(p)
     p.add_argument("--target", choices=("cpu", "cuda"), default=None,
                    help="hardware to measure on (default: cuda when available, else cpu)")
@@ -466,7 +570,11 @@ def build_parser() -> argparse.ArgumentParser:
             action.default, action.help = 8, "prompts the best candidates are confirmed on (zoo: held-out; default 8)"
     p.set_defaults(func=cmd_tune)
 
-    p = sub.add_parser("app", help="the Gradio comparison app (extra 'app')")
+    p = sub.add_parser("app", help="the Gradio comparison app (extra 'app')",
+                       description="Serve the Gradio comparison app: baseline vs accelerated images for the same "
+                                   "prompt and seed, latency,\nspeedup, memory, quality, and a Pareto plot "
+                                   "(needs the 'app' extra: pip install \"fastgen[app]\").",
+                       example="fastgen app --model shapes-mmdit --port 7860")
     p.add_argument("--model", default=None, help=f"initial model (default {DEFAULT_MODEL}; {FALLBACK_MODEL} if its "
                                                  "weights are not installed); others can be picked in the page")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
@@ -476,7 +584,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_app)
 
     p = sub.add_parser("export", help="export the denoiser: ExecuTorch .pte (XNNPACK), ONNX (QDQ int8, .ort) or "
-                                      "int8 safetensors; runs it back and compares with PyTorch")
+                                      "int8 safetensors; runs it back and compares with PyTorch",
+                       description="Export the denoiser: an ExecuTorch .pte (XNNPACK), ONNX (QDQ int8, optionally "
+                                   ".ort) or int8 safetensors;\nthen run the artifact back and compare it with "
+                                   "PyTorch (--no-check skips that).",
+                       example="fastgen export --model tiny-sd3 --target int8 --out denoiser.safetensors\n"
+                               "fastgen export --model shapes-mmdit --target executorch --bits 8 --out mmdit.pte")
     p.add_argument("--model", default=None, help=f"as for bench (default {DEFAULT_MODEL}; {FALLBACK_MODEL} if its "
                                                  "weights are not installed)")
     p.add_argument("--target", required=True, choices=("executorch", "onnx", "int8"))
@@ -497,28 +610,66 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the export report as JSON here")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("info", help="versions, devices, installed extras, registered techniques")
+    p = sub.add_parser("train", help="train a model: " + ", ".join(TRAIN),
+                       description="Train a model. The rest of the command line goes to the trainer; "
+                                   "`fastgen train KIND --help` lists its options.\nguidance, consistency and var "
+                                   "also run under `accelerate launch -m fastgen.distill.guidance`,\n"
+                                   "`-m fastgen.distill.consistency` and `-m fastgen.ar.train`.",
+                       example="fastgen train zoo shapes-mmdit --out runs/shapes-mmdit --minutes 100\n"
+                               "fastgen train consistency --method lcm --teacher shapes-unet --output runs/lcm\n"
+                               "fastgen train guidance --help")
+    _forward_group("train", p)
+
+    p = sub.add_parser("experiment", help="run a research script: " + ", ".join(EXPERIMENTS),
+                       description="Run a research script (the measurements behind the README's tables). The rest "
+                                   "of the command line goes to it;\n`fastgen experiment NAME --help` lists its "
+                                   "options.",
+                       example="fastgen experiment ras flops --model bench-sd3 --tokens 4096 --ratios 0.5 0.25\n"
+                               "fastgen experiment zoo-report shapes-mmdit --n 200\n"
+                               "fastgen experiment int8 --help")
+    _forward_group("experiment", p)
+
+    p = sub.add_parser("docs", help="regenerate the generated docs (support matrix, config tables), or --check them",
+                       description="Regenerate the generated parts of docs/ (the support matrix, each technique's "
+                                   "config table) from the\ntechnique registry; --check only reports stale files "
+                                   "(exit 1).",
+                       example="fastgen docs\nfastgen docs --check")
+    p.add_argument("--check", action="store_true", help="report stale generated files and exit 1; write nothing")
+    p.set_defaults(func=cmd_docs)
+
+    p = sub.add_parser("info", help="versions, devices, installed extras, registered techniques",
+                       description="Print versions, devices, installed extras, registered techniques and supported "
+                                   "pipelines.",
+                       example="fastgen info\nfastgen info --json")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from .utils.logging import quiet_import_noise
-
-    quiet_import_noise()
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if getattr(args, "model", "") is None:
-        args.model = _default_model()
+def _run(fn, *args) -> int:
+    """``fn(*args)``; a :class:`FastgenError` is one line on stderr (exit status 2), Ctrl-C exits with 130."""
     try:
-        return args.func(args)
+        return fn(*args)
     except FastgenError as e:
         sys.stderr.write(f"fastgen: error: {e}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("fastgen: interrupted\n")
         return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .utils.logging import quiet_import_noise
+
+    quiet_import_noise()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) >= 2 and argv[1] in _FORWARDS.get(argv[0], {}):  # fastgen train|experiment KIND ...
+        return _run(_FORWARDS[argv[0]][argv[1]], argv[2:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "model", "") is None:
+        args.model = default_model()
+    return _run(args.func, args)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,12 @@ import torch
 from .errors import FastgenError
 from .testing import KINDS, tiny_pipeline
 
-__all__ = ["list_models", "load_model", "ModelNotFoundError"]
+__all__ = ["list_models", "load_model", "default_model", "DEFAULT_MODEL", "FALLBACK_MODEL", "ModelNotFoundError"]
+
+#: The trained default model (``fastgen/zoo``); :data:`FALLBACK_MODEL` when its weights are not installed.
+DEFAULT_MODEL = "shapes-mmdit"
+#: A tiny random-weight pipeline of the same family: speed ratios are real, images are noise-like.
+FALLBACK_MODEL = "tiny-sd3"
 
 
 class ModelNotFoundError(FastgenError, ValueError):
@@ -30,6 +35,16 @@ def list_models() -> list[str]:
     from . import zoo
 
     return zoo.list() + [f"tiny-{k}" for k in KINDS] + [f"bench-{k}" for k in KINDS]
+
+
+def default_model() -> str:
+    """The model the CLI and the app start on: :data:`DEFAULT_MODEL` when its weights are installed, else
+    :data:`FALLBACK_MODEL`."""
+    from . import zoo
+
+    if (zoo.weights_path(DEFAULT_MODEL) / "model_index.json").exists():
+        return DEFAULT_MODEL
+    return FALLBACK_MODEL
 
 
 def load_model(name: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None):

@@ -27,7 +27,8 @@ import torch
 
 from .text import build_word_tokenizer
 
-__all__ = ["KINDS", "tiny_pipeline", "bench_resolution", "default_call_kwargs"]
+__all__ = ["KINDS", "tiny_pipeline", "bench_resolution", "tiny_resolution", "is_class_conditional",
+           "default_call_kwargs"]
 
 
 @dataclass(frozen=True)
@@ -297,6 +298,19 @@ def _check_kind(kind: str) -> _Spec:
     if kind not in _SPECS:
         raise ValueError(f"unknown tiny pipeline kind {kind!r}; choose one of {', '.join(KINDS)}")
     return _SPECS[kind]
+
+
+def is_class_conditional(kind: str) -> bool:
+    """Whether ``tiny_pipeline(kind)`` is class-conditional (``"dit"``: class labels instead of prompts, and no
+    height/width: the transformer's ``sample_size`` fixes the image size). ``ValueError`` for an unknown kind."""
+    return _check_kind(kind).class_conditional
+
+
+def tiny_resolution(kind: str) -> tuple[int, int] | None:
+    """(height, width) in pixels of a quick call of ``tiny_pipeline(kind)``; None for class-conditional kinds
+    (they take no height/width). ``ValueError`` for an unknown kind."""
+    spec = _check_kind(kind)
+    return None if spec.class_conditional else spec.tiny_hw
 
 
 def tiny_pipeline(kind: str, *, size: str = "tiny", seed: int = 0, device: str | torch.device | None = None,

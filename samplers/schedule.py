@@ -22,13 +22,12 @@ scheduler does with the values, the tuned ones are the best found for that sched
 >>> sch.save("mmdit-euler8.json"); pipe(p, **Schedule.load("mmdit-euler8.json").call_kwargs())  # doctest: +SKIP
 >>> fastgen.accelerate(pipe, "schedule:shapes-mmdit-euler8")          # a shipped schedule  # doctest: +SKIP
 
-``python -m fastgen.samplers.schedule shapes-mmdit --steps 8 --out mmdit-euler8.json --eval 200`` searches on the
+``fastgen experiment schedule-search shapes-mmdit --steps 8 --out mmdit-euler8.json --eval 200`` searches on the
 zoo model and reports the evaluator's score of the default and the tuned schedule on held-out prompts.
 """
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import json
 import math
@@ -370,7 +369,15 @@ register_technique(Technique(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fastgen.samplers.schedule", description=__doc__.split("\n\n")[0])
+    """``fastgen experiment schedule-search MODEL --out FILE [...]``: search a tuned schedule (see ``--help``)."""
+    from fastgen.utils.commands import CommandParser
+
+    p = CommandParser(prog="fastgen experiment schedule-search",
+                      description="Search a tuned N-step timestep schedule for a zoo model against a many-step run "
+                                  "(the schedule: recipe loads it)\nand, with --eval, score the stock and the tuned "
+                                  "schedule on held-out prompts.",
+                      example="fastgen experiment schedule-search shapes-mmdit --steps 8 --out mmdit-euler8.json "
+                              "--eval 200")
     p.add_argument("model", help="a zoo model (shapes-mmdit, shapes-unet)")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--sampler", default=None, help="a samplers.list() name to tune (default: the model's own)")
@@ -391,13 +398,14 @@ def main(argv: list[str] | None = None) -> int:
     sch = search_schedule(pipe, a.steps, prompts, reference_steps=a.reference, call_kwargs=zoo.call_kwargs(a.model),
                           sweeps=a.sweeps, model=a.model)
     sch.save(a.out)
-    print(f"wrote {a.out}: {sch.kwarg} {[round(v, 4) for v in sch.values]} (loss {sch.loss:.4g}, stock "
-          f"{sch.default_loss:.4g})")
+    sys.stdout.write(f"wrote {a.out}: {sch.kwarg} {[round(v, 4) for v in sch.values]} (loss {sch.loss:.4g}, stock "
+                     f"{sch.default_loss:.4g})\n")
     if a.eval:
         from fastgen.bench.metrics import psnr
 
         ref = evaluate_pipeline(pipe, a.model, n=a.eval, steps=a.reference, return_images=True)
-        print(f"reference {a.reference} steps: score {ref['overall']:.3f} single {ref.get('single', float('nan')):.3f}")
+        sys.stdout.write(f"reference {a.reference} steps: score {ref['overall']:.3f} "
+                         f"single {ref.get('single', float('nan')):.3f}\n")
         for label, extra in ((f"stock {a.steps} steps", None), ("tuned", sch)):
             if extra is not None:
                 fastgen.accelerate(pipe, f"schedule:{Path(a.out)}")
@@ -407,10 +415,6 @@ def main(argv: list[str] | None = None) -> int:
                 if extra is not None:
                     fastgen.remove(pipe, "schedule")
             db = psnr(ref["images"], r["images"])
-            print(f"{label}: score {r['overall']:.3f} single {r.get('single', float('nan')):.3f}, PSNR vs "
-                  f"{a.reference} steps {db:.2f} dB")
+            sys.stdout.write(f"{label}: score {r['overall']:.3f} single {r.get('single', float('nan')):.3f}, "
+                             f"PSNR vs {a.reference} steps {db:.2f} dB\n")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -201,12 +201,18 @@ register_technique(Technique(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m fastgen.samplers.skip_tuning shapes-unet --steps 8 [--sampler ddim] [--prompts 32] [--eval 200]``: search the
-    scales on calibration prompts with the zoo evaluator, then score no-op vs best on held-out prompts."""
-    import argparse
+    """``fastgen experiment skip-tuning shapes-unet --steps 8 [--sampler ddim] [--prompts 32] [--eval 200]``: search
+    the scales on calibration prompts with the zoo evaluator, then score no-op vs best on held-out prompts."""
     import json
+    import sys
 
-    p = argparse.ArgumentParser(prog="python -m fastgen.samplers.skip_tuning", description=main.__doc__)
+    from fastgen.utils.commands import CommandParser
+
+    p = CommandParser(prog="fastgen experiment skip-tuning",
+                      description="Search Skip-Tuning's skip scales on a UNet zoo model's calibration prompts with the "
+                                  "exact evaluator,\nthen score no-op vs the best scales on held-out prompts.",
+                      example="fastgen experiment skip-tuning shapes-unet --steps 8 --sampler ddim --prompts 32 "
+                              "--eval 200")
     p.add_argument("model", help="a UNet zoo model (shapes-unet)")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--sampler", default=None, help="a samplers.list() name (default: the model's own)")
@@ -226,8 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     best, rows = search_skip_tuning(pipe, prompts, lambda ps, im: evaluate.score(ps, im)["overall"], call_kwargs=kw)
     out: dict[str, Any] = {"model": a.model, "steps": a.steps, "sampler": a.sampler, "grid": rows,
                            "best": best.to_string()}
-    print(f"grid on {a.prompts} calibration prompts: " + ", ".join(
-        f"{r['rho_top']:g},{r['rho_bottom']:g}={r['score']:.3f}" for r in rows))
+    sys.stdout.write(f"grid on {a.prompts} calibration prompts: " + ", ".join(
+        f"{r['rho_top']:g},{r['rho_bottom']:g}={r['score']:.3f}" for r in rows) + "\n")
     if a.eval:
         for label, cfg in (("no-op", None), (best.to_string(), best)):
             if cfg is not None:
@@ -237,15 +243,9 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 remove_skip_tuning(pipe)
             out[label] = {k: r[k] for k in ("overall", "single", "counting", "relation") if k in r}
-            print(f"{label}: held-out score {r['overall']:.3f} (single {r.get('single', float('nan')):.3f}) "
-                  f"on {a.eval} prompts at {a.steps} steps")
+            sys.stdout.write(f"{label}: held-out score {r['overall']:.3f} (single {r.get('single', float('nan')):.3f}) "
+                             f"on {a.eval} prompts at {a.steps} steps\n")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=1)
     return 0
-
-
-if __name__ == "__main__":
-    import sys
-
-    sys.exit(main())

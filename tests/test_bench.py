@@ -149,7 +149,7 @@ def test_demo_and_bench_default_to_the_zoo_model_with_evaluator_scores(tmp_path,
     pipe = T.build_pipeline("shapes-mmdit", dict(hidden=32, layers=1, heads=2, text_hidden=16, text_layers=1))
     T.save_pipeline(pipe, tmp_path / "w" / "shapes-mmdit", meta={"model": "shapes-mmdit"})
     monkeypatch.setattr(zoo, "WEIGHTS_DIR", tmp_path / "w")
-    assert cli._default_model() == "shapes-mmdit"
+    assert fastgen.models.default_model() == "shapes-mmdit"
     out = tmp_path / "demo"
     assert cli.main(["demo", "--steps", "2", "--prompts-n", "3", "--repeats", "1", "--out", str(out), "--no-progress"]) == 0
     rows = json.loads((out / "results.json").read_text())
@@ -159,13 +159,13 @@ def test_demo_and_bench_default_to_the_zoo_model_with_evaluator_scores(tmp_path,
         assert r["model"] == "shapes-mmdit" and r["n_images"] == 3 and 0.0 <= r["score"] <= 1.0
         assert "score_color" in r
     monkeypatch.setattr(zoo, "WEIGHTS_DIR", tmp_path / "none")
-    assert cli._default_model() == cli.FALLBACK_MODEL
+    assert fastgen.models.default_model() == cli.FALLBACK_MODEL
 
 
 def test_demo_on_an_ar_zoo_model_is_one_clear_error(capsys):
     assert main(["demo", "--model", "digits-var", "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert "next-scale AR model" in err and "fastgen.ar.evaluate" in err and "Traceback" not in err
+    assert "next-scale AR model" in err and "fastgen experiment var-eval" in err and "Traceback" not in err
 
 
 # --- fastgen profile: one denoiser forward per recipe, op kinds -------------------------------------------

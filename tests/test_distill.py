@@ -226,7 +226,7 @@ def test_zoo_student_without_weights_names_the_distill_command(monkeypatch, tmp_
 
     monkeypatch.setattr(zoo, "WEIGHTS_DIR", tmp_path)
     assert zoo.world_of("shapes-mmdit-gd") == "shapes-mmdit"
-    with pytest.raises(zoo.WeightsNotFoundError, match="python -m fastgen.distill.guidance --teacher shapes-mmdit"):
+    with pytest.raises(zoo.WeightsNotFoundError, match="fastgen train guidance --teacher shapes-mmdit"):
         zoo.load_default("shapes-mmdit-gd")
     with pytest.raises(zoo.WeightsNotFoundError, match="--init-student runs/gd-unet/pipeline"):
         zoo.load_default("shapes-unet-lcm")  # the two-stage LCM recipe is named

@@ -44,19 +44,7 @@ FRONT_ENDS = ("fastgen.cli", "fastgen.tune")
 
 # Violations that belong to other branches and vanish when they merge. The lead empties this list at merge time;
 # an entry that no longer occurs fails the test (delete it), so nothing can hide here.
-KNOWN: set[str] = {
-    # cli branch: the app <-> CLI cycle and the private names they share
-    "cycle: fastgen.apps.app, fastgen.cli",
-    "private: fastgen.cli imports fastgen.testing._SPECS",
-    "private: fastgen.apps.app imports fastgen.testing._SPECS",
-    "private: fastgen.apps.app imports fastgen.cli._default_model",
-    "private: fastgen.apps.app imports fastgen.cli._zoo_quality_fn",
-    # cli branch: the RAS research script moves to fastgen/bench/experiments
-    "direction: fastgen.caches.ras_experiment -> fastgen.bench",
-    "direction: fastgen.caches.ras_experiment -> fastgen.bench.metrics",
-    "direction: fastgen.caches.ras_experiment -> fastgen.bench.profile",
-    "direction: fastgen.caches.ras_experiment -> fastgen.bench.runner",
-}
+KNOWN: set[str] = set()  # violations other branches were still to remove (empty since the merge)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -500,7 +500,7 @@ def test_bench_ptq_cli_on_a_tiny_run(tmp_path, capsys):
 
     if not (zoo.weights_path("shapes-mmdit") / "model_index.json").exists():
         pytest.skip("shapes-mmdit weights are not installed")
-    from fastgen.quant.bench_ptq import main as bench_main
+    from fastgen.bench.experiments.ptq import main as bench_main
     from fastgen.quant.trainer import main as train_main
 
     run = tmp_path / "q"

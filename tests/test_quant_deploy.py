@@ -1,6 +1,6 @@
 """quant.deploy (real int8 kernels: dynamic / static with QALoRA's per-timestep scales, the int8 recipe) and
 quant.export (ExecuTorch .pte, ONNX QDQ), run back through their runtimes. Tiny real diffusers classes, CPU.
-Speed is not tested here: ``python -m fastgen.quant.bench_int8`` measures it."""
+Speed is not tested here: ``fastgen experiment int8`` measures it."""
 
 import importlib.util
 
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 def _pipe():
     from fastgen.zoo.train import build_pipeline
-    from fastgen.quant.bench_int8 import _perturb_adaln
+    from fastgen.bench.experiments.int8 import _perturb_adaln
 
     pipe = build_pipeline("shapes-mmdit", TINY)
     _perturb_adaln(pipe.transformer)  # untrained adaLN-zero outputs 0

@@ -7,7 +7,7 @@ import torch
 import fastgen
 from fastgen.caches.ras import RASConfig, apply_ras, remove_ras, select_tokens
 from fastgen.bench.profile import capture_denoiser_call
-from fastgen.caches.ras_experiment import _Driver
+from fastgen.bench.experiments.ras import _Driver
 from fastgen.errors import RecipeError, UnsupportedPipelineError
 from fastgen.testing import default_call_kwargs, tiny_pipeline
 

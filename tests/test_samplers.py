@@ -108,10 +108,10 @@ def test_registry_lists_the_flow_samplers():
 
 
 def test_sampler_table_on_the_shipped_model_scores_psnr_and_calls():
-    """``python -m fastgen.samplers.table``: the reference row is the model's own sampler (PSNR inf), a sampler that
+    """``fastgen experiment sampler-table``: the reference row is the model's own sampler (PSNR inf), a sampler that
     cannot drive the model is listed with the reason, Heun counts two calls per step but the last."""
     from fastgen import zoo
-    from fastgen.samplers.table import markdown, sampler_table
+    from fastgen.bench.experiments.sampler_table import markdown, sampler_table
 
     if not (zoo.weights_path("shapes-mmdit") / "model_index.json").exists():
         pytest.skip("shapes-mmdit weights are not installed")

@@ -270,7 +270,7 @@ def test_misshaped_and_missing_tensor_are_named(saved_folder, tmp_path):
 
 def test_load_default_without_weights_says_how_to_train(monkeypatch, tmp_path):
     monkeypatch.setattr(zoo, "WEIGHTS_DIR", tmp_path)
-    with pytest.raises(zoo.WeightsNotFoundError, match=r"python -m fastgen\.zoo\.train shapes-unet --out"):
+    with pytest.raises(zoo.WeightsNotFoundError, match=r"fastgen train zoo shapes-unet --out"):
         zoo.load_default("shapes-unet")
     with pytest.raises(FileNotFoundError):
         zoo.load_default("shapes-mmdit")
@@ -395,8 +395,8 @@ def test_init_from_a_saved_pipeline(tmp_path):
 
 
 def test_quality_report_rows(tmp_path, monkeypatch):
-    """`python -m fastgen.zoo.report`: one row per step count plus the real-image ceiling and chance rows."""
-    from fastgen.zoo import report
+    """`fastgen experiment zoo-report`: one row per step count plus the real-image ceiling and chance rows."""
+    from fastgen.bench.experiments import zoo_report as report
 
     pipe = T.build_pipeline("shapes-mmdit", TINY["shapes-mmdit"])
     T.save_pipeline(pipe, tmp_path / "p", meta={"model": "shapes-mmdit"})

@@ -12,8 +12,10 @@ checkpoints (``vae_ch160v4096z32.pth``, ``var_d{16,20,24,30,36}.pth``) unchanged
   (``sample(..., hmar_steps={scale: n})``).
 * :mod:`fastgen.ar.accel` -- acceleration through ``fastgen.accelerate`` (family ``"var"``): ``var-attn``,
   ``fastvar`` (token pruning), ``code`` (draft/refine with a small VAR), ``cfg-share``.
-* :mod:`fastgen.ar.train` -- ``python -m fastgen.ar.train vae|var|export`` (the zoo's ``digits-var``).
-* :mod:`fastgen.ar.evaluate` -- speed/quality of recipes on ``digits-var``; VAR-d16 speed probe.
+* :mod:`fastgen.ar.train` -- ``fastgen train var vae|var|export`` (the zoo's ``digits-var``).
+
+Speed/quality of recipes on ``digits-var`` and the VAR-d16 speed probe: ``fastgen experiment var-eval``
+(:mod:`fastgen.bench.experiments.var_eval`).
 """
 
 from __future__ import annotations

@@ -3,17 +3,17 @@
 Run (in the background; one torch thread unless ``--threads`` says otherwise; also works under
 ``accelerate launch -m fastgen.ar.train ...`` with one process)::
 
-    python -m fastgen.ar.train vae --out runs/digits-vae [--data digits|IMAGE_DIR] [--steps N] [--minutes M] [--resume]
-    python -m fastgen.ar.train var --vae runs/digits-vae --out runs/digits-var [--steps N] [--arch depth=4 ...] [--resume]
-    python -m fastgen.ar.train export --out runs/digits-var --to fastgen/zoo/weights/digits-var [--refiner runs/digits-var-small]
+    fastgen train var vae --out runs/digits-vae [--data digits|IMAGE_DIR] [--steps N] [--minutes M] [--resume]
+    fastgen train var var --vae runs/digits-vae --out runs/digits-var [--steps N] [--arch depth=4 ...] [--resume]
+    fastgen train var export --out runs/digits-var --to fastgen/zoo/weights/digits-var [--refiner runs/digits-var-small]
 
 The shipped ``digits-var`` (32.7 min of training on one shared CPU core, ``nice -n 10``, one thread)::
 
-    python -m fastgen.ar.train vae --out runs/digits-vae --steps 1400 --eval-minutes 3            #  8.6 min
-    python -m fastgen.ar.train var --vae runs/digits-vae --out runs/digits-var --steps 2200 --eval-minutes 8   # 17.1 min
-    python -m fastgen.ar.train var --vae runs/digits-vae --out runs/digits-var-small --steps 2000 --stop-at 1495 \
+    fastgen train var vae --out runs/digits-vae --steps 1400 --eval-minutes 3            #  8.6 min
+    fastgen train var var --vae runs/digits-vae --out runs/digits-var --steps 2200 --eval-minutes 8   # 17.1 min
+    fastgen train var var --vae runs/digits-vae --out runs/digits-var-small --steps 2000 --stop-at 1495 \
         --eval-minutes 0 --arch depth=2 embed_dim=64 num_heads=2                                  #  7.0 min (CoDe refiner)
-    python -m fastgen.ar.train export --out runs/digits-var --source pipeline --refiner runs/digits-var-small \
+    fastgen train var export --out runs/digits-var --source pipeline --refiner runs/digits-var-small \
         --to fastgen/zoo/weights/digits-var
 
 Data (``--data``): ``digits`` is scikit-learn's bundled handwritten digits (:mod:`fastgen.zoo.digits`: 8x8 grey
@@ -44,7 +44,6 @@ digit accuracy).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -59,6 +58,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fastgen.utils.commands import CommandParser
 from fastgen.utils.io import Resumable, check_same_config
 from fastgen.utils.logging import get_logger, log_to_stderr_with_time
 
@@ -272,7 +272,7 @@ class _Trainer(Resumable):
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise NotImplementedError(
                 "fastgen.ar.train trains in one process; multi-GPU data parallelism is not implemented "
-                "(use `accelerate launch --num_processes 1 -m fastgen.ar.train ...` or plain `python -m ...`)")
+                "(use `accelerate launch --num_processes 1 -m fastgen.ar.train ...` or plain `fastgen train var ...`)")
         self.cfg, self.out = cfg, Path(out)
         dev = cfg.device
         self.device = torch.device("cuda" if dev == "auto" and torch.cuda.is_available() else
@@ -533,7 +533,7 @@ def _find_vae(spec: str) -> Path:
         if (cand / "config.json").is_file() and (cand / "model.safetensors").is_file():
             return cand
     raise FileNotFoundError(f"--vae {spec!r}: no VQ-VAE folder (config.json + model.safetensors) at it or in its "
-                            f"vae/ sub-folder; train one with `python -m fastgen.ar.train vae --out DIR`")
+                            f"vae/ sub-folder; train one with `fastgen train var vae --out DIR`")
 
 
 class VARTrainer(_Trainer):
@@ -685,7 +685,7 @@ def export(run: str | os.PathLike, dst: str | os.PathLike, refiner: str | os.Pat
     ``dst/var_small`` (the CoDe refiner, see :mod:`fastgen.ar.accel`)."""
     src = Path(run) / source
     if not (src / "model_index.json").is_file():
-        raise FileNotFoundError(f"{src} is not a VARPipeline folder; train with `python -m fastgen.ar.train var`")
+        raise FileNotFoundError(f"{src} is not a VARPipeline folder; train with `fastgen train var var`")
     dst = Path(dst)
     tmp = dst.with_name(dst.name + ".tmp")
     if tmp.exists():
@@ -703,8 +703,13 @@ def export(run: str | os.PathLike, dst: str | os.PathLike, refiner: str | os.Pat
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m fastgen.ar.train vae|var|export ...`` (see ``--help``)."""
-    ap = argparse.ArgumentParser(prog="python -m fastgen.ar.train", description=__doc__.split("\n\n")[0])
+    """``fastgen train var vae|var|export ...`` (see ``--help``; also ``accelerate launch -m fastgen.ar.train``)."""
+    ap = CommandParser(prog="fastgen train var", description=__doc__.split("\n\n")[0],
+                       example="fastgen train var vae --out runs/digits-vae --steps 1400\n"
+                               "fastgen train var var --vae runs/digits-vae --out runs/digits-var --steps 2200\n"
+                               "fastgen train var export --out runs/digits-var --to fastgen/zoo/weights/digits-var\n"
+                               "accelerate launch --num_processes 1 -m fastgen.ar.train var --vae runs/digits-vae "
+                               "--out runs/digits-var")
     ap.add_argument("stage", choices=("vae", "var", "export"))
     ap.add_argument("--out", required=True, help="run folder (checkpoint.pt, history.jsonl, vae/ or pipeline/)")
     ap.add_argument("--data", default="digits", help="'digits' or an image folder (default digits)")

@@ -27,7 +27,7 @@ How this implementation works and where it differs from the reference code:
   is the mean of the members' scores, so a token's guided velocity is always either fully fresh or fully
   cached, as in the reference (which runs on the already-combined output). ``share="sample"`` selects
   per row, ``share="batch"`` one selection for the whole batch.
-* **Selection rule decided by experiment** (:mod:`fastgen.caches.ras_experiment`, table in the
+* **Selection rule decided by experiment** (:mod:`fastgen.bench.experiments.ras`, table in the
   README): on the shipped shapes-mmdit (100 held-out prompts), recomputing the *highest*-focus tokens
   with a starvation bonus (recompute priority ``log score + starvation * steps_since_recompute``, default
   ``starvation=0.5``) gives the highest PSNR against the dense result at ratio 0.5 (36.2 dB, score 0.65

@@ -4,9 +4,9 @@
 ``fastgen.zoo.evaluate`` its exact, rule-based evaluator; ``fastgen.zoo.digits`` is scikit-learn's
 handwritten digits and their scorer (a classifier trained on held-out digits), for the class-conditional
 next-scale AR model ``digits-var`` (a :class:`fastgen.ar.VARPipeline`, trained by
-``python -m fastgen.ar.train``). The trained pipelines ship as standard diffusers
+``fastgen train var``). The trained pipelines ship as standard diffusers
 folders under ``fastgen/zoo/weights/<name>/`` and load with :func:`load_default`; ``fastgen.zoo.train``
-is the recipe that reproduces them (``python -m fastgen.zoo.train <name> --out DIR``).
+is the recipe that reproduces them (``fastgen train zoo <name> --out DIR``).
 
 >>> import fastgen.zoo as zoo
 >>> zoo.list()
@@ -68,17 +68,17 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 
 #: How each student was made (shown in errors when its weights are missing).
 _STUDENT_RECIPES: dict[str, str] = {
-    "shapes-mmdit-scm": "python -m fastgen.distill.consistency --method scm --teacher shapes-mmdit --output runs/scm-mmdit "
+    "shapes-mmdit-scm": "fastgen train consistency --method scm --teacher shapes-mmdit --output runs/scm-mmdit "
                         "--steps 5000 --batch 32 --lr 5e-5 --warmup 100 --eval-every 500 --eval-steps 2 "
-                        "--tangent-warmup 500 --choose-mid-t 500 && python -m fastgen.distill.consistency --method scm "
+                        "--tangent-warmup 500 --choose-mid-t 500 && fastgen train consistency --method scm "
                         "--teacher shapes-mmdit --init-student runs/scm-mmdit/pipeline --output runs/scm-phased "
                         "--steps 1750 --batch 32 --lr 5e-5 --warmup 50 --eval-every 250 --eval-steps 2 "
                         "--tangent-warmup 1 --mid-t 1.3 --phased --pool-size 1024",
-    "shapes-unet-lcm": "python -m fastgen.distill.guidance --teacher shapes-unet --output runs/gd-unet --steps 1000 --batch 32 "
-                       "--lr 5e-5 --warmup 100 --eval-every 500 --eval-steps 8 && python -m fastgen.distill.consistency "
+    "shapes-unet-lcm": "fastgen train guidance --teacher shapes-unet --output runs/gd-unet --steps 1000 --batch 32 "
+                       "--lr 5e-5 --warmup 100 --eval-every 500 --eval-steps 8 && fastgen train consistency "
                        "--method lcm --teacher shapes-unet --init-student runs/gd-unet/pipeline --output runs/lcm-unet "
                        "--steps 1000 --batch 32 --lr 2e-6 --huber-c 0 --num-ddim-timesteps 10 --w-max 6 --eval-every 250",
-    "shapes-mmdit-gd": "python -m fastgen.distill.guidance --teacher shapes-mmdit --output runs/gd-mmdit --steps 3000 "
+    "shapes-mmdit-gd": "fastgen train guidance --teacher shapes-mmdit --output runs/gd-mmdit --steps 3000 "
                        "--batch 32 --lr 5e-5 --warmup 100 --t-sampling logit-normal",
 }
 
@@ -362,8 +362,8 @@ def load_default(name: str = "shapes-mmdit", device: Any = None, dtype: Any = No
     if not (folder / "model_index.json").exists():
         raise WeightsNotFoundError(
             f"the weights of zoo model {name!r} are not installed ({folder} has no model_index.json). "
-            f"Train them with `python -m fastgen.zoo.train {name} --out runs/{name}` (1–3 h on a CPU), then "
-            f"`python -m fastgen.zoo.train {name} --out runs/{name} --export {folder}`."
+            f"Train them with `fastgen train zoo {name} --out runs/{name}` (1–3 h on a CPU), then "
+            f"`fastgen train zoo {name} --out runs/{name} --export {folder}`."
         )
     return load_pipeline(folder, device=device, dtype=dtype)
 
@@ -376,9 +376,9 @@ def _load_ar(name: str, folder: Path, device: Any, dtype: Any):
     if not (folder / "model_index.json").exists():
         raise WeightsNotFoundError(
             f"the weights of zoo model {name!r} are not installed ({folder} has no model_index.json). Train them "
-            f"(about 35 min on one CPU core) with `python -m fastgen.ar.train vae --out runs/digits-vae --steps 1400` "
-            f"and `python -m fastgen.ar.train var --vae runs/digits-vae --out runs/{name} --steps 2200`, then "
-            f"`python -m fastgen.ar.train export --out runs/{name} --to {folder}`.")
+            f"(about 35 min on one CPU core) with `fastgen train var vae --out runs/digits-vae --steps 1400` "
+            f"and `fastgen train var var --vae runs/digits-vae --out runs/{name} --steps 2200`, then "
+            f"`fastgen train var export --out runs/{name} --to {folder}`.")
     try:
         pipe = VARPipeline.from_pretrained(folder, device=device, dtype=dtype)
     except FileNotFoundError as e:

@@ -2,8 +2,8 @@
 
 Run (in the background; one torch thread unless ``--threads`` says otherwise)::
 
-    python -m fastgen.zoo.train shapes-mmdit --out runs/shapes-mmdit [--minutes 100] [--steps N] [--batch 64] [--resume]
-    python -m fastgen.zoo.train shapes-unet  --out runs/shapes-unet  ...
+    fastgen train zoo shapes-mmdit --out runs/shapes-mmdit [--minutes 100] [--steps N] [--batch 64] [--resume]
+    fastgen train zoo shapes-unet  --out runs/shapes-unet  ...
 
 What is trained (both 32x32 px, :mod:`fastgen.zoo.shapes` images drawn on the fly with seeds >=
 :data:`~fastgen.zoo.shapes.TRAIN_SEED_START`, so the held-out evaluation images are never seen):
@@ -42,7 +42,6 @@ score, ``OUT/history.jsonl`` every evaluation). ``--export DST`` copies ``OUT/be
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -59,6 +58,7 @@ import torch
 import torch.nn.functional as F
 
 from fastgen.text import bytes_to_unicode  # GPT-2's fixed byte table (the merges below stay frozen here)
+from fastgen.utils.commands import CommandParser
 from fastgen.utils.io import Resumable, check_same_config
 from fastgen.utils.logging import get_logger, log_to_stderr_with_time, quiet_diffusers
 from fastgen.zoo import AR_MODELS, DEFAULTS, MODELS, extra_call_kwargs, shapes
@@ -789,8 +789,11 @@ def _parse_arch(items: list[str]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m fastgen.zoo.train MODEL --out DIR [...]`` (see ``--help``)."""
-    ap = argparse.ArgumentParser(prog="python -m fastgen.zoo.train", description=__doc__.split("\n\n")[0])
+    """``fastgen train zoo MODEL --out DIR [...]`` (see ``--help``)."""
+    ap = CommandParser(prog="fastgen train zoo", description=__doc__.split("\n\n")[0],
+                       example="fastgen train zoo shapes-mmdit --out runs/shapes-mmdit --minutes 100\n"
+                               "fastgen train zoo shapes-mmdit --out runs/shapes-mmdit --export fastgen/zoo/weights/"
+                               "shapes-mmdit")
     ap.add_argument("model", choices=[m for m in MODELS if m in ARCH])
     ap.add_argument("--out", required=True, help="run folder (checkpoint.pt, pipeline/, best_pipeline/, history)")
     ap.add_argument("--minutes", type=float, default=None, help="training time budget in total (default 170)")
@@ -855,7 +858,3 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("done: step %d, %.1f min, overall %.3f; pipeline in %s", tr.step, tr.elapsed / 60,
                     row.get("overall", float("nan")), Path(args.out) / "pipeline")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

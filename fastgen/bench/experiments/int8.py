@@ -1,6 +1,6 @@
 """Per-denoiser-call latency of fp32 vs real int8 kernels (:func:`quant.to_int8`), measured in one process.
 
-    python -m fastgen.quant.bench_int8 --model shapes-mmdit --model bench-sd3 --threads 1
+    fastgen experiment int8 --model shapes-mmdit --model bench-sd3 --threads 1
 
 For each model: one real denoiser call's inputs are captured from the pipeline (batch 2: the CFG batch of
 one prompt), then these variants of the same denoiser are timed **interleaved** (A B C A B C …, after
@@ -20,7 +20,6 @@ the same; errors are then those of random weights with a randomized adaLN).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -30,6 +29,8 @@ import time
 from typing import Any, Callable
 
 import torch
+
+from fastgen.utils.commands import CommandParser
 
 __all__ = ["build", "bench_model", "main"]
 
@@ -162,7 +163,9 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fastgen.quant.bench_int8", description=__doc__.split("\n")[0])
+    """``fastgen experiment int8 [--model M ...]`` (see ``--help``)."""
+    p = CommandParser(prog="fastgen experiment int8", description=__doc__.split("\n\n")[0],
+                      example="fastgen experiment int8 --model shapes-mmdit --model bench-sd3 --threads 1")
     p.add_argument("--model", action="append", help="shapes-mmdit (default), bench-sd3, tiny-sd3, ... (repeatable)")
     p.add_argument("--variant", action="append", help="subset of variants (repeatable; default: all)")
     p.add_argument("--repeats", type=int, default=15)
@@ -187,6 +190,3 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(results, f, indent=2)
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,9 +1,9 @@
 """Speed and quality of VAR acceleration recipes on the zoo's ``digits-var`` (or any class-conditional
 VARPipeline over the digits), and a speed probe of VAR-d16-shaped models.
 
-    python -m fastgen.ar.evaluate --recipes baseline fastvar:0.5 "cfg-share:2" "code:draft=4" --n 500
-    python -m fastgen.ar.evaluate --cfg-sweep 0,1,2,3,4 --n 500
-    python -m fastgen.ar.evaluate --d16 --images 1 [--recipes fastvar:0.5]   # random-weight VAR-d16 + VQ-VAE, 256 px
+    fastgen experiment var-eval --recipes baseline fastvar:0.5 "cfg-share:2" "code:draft=4" --n 500
+    fastgen experiment var-eval --cfg-sweep 0,1,2,3,4 --n 500
+    fastgen experiment var-eval --d16 --images 1 [--recipes fastvar:0.5]   # random-weight VAR-d16 + VQ-VAE, 256 px
 
 Protocol: every recipe is run in the same process as the baseline, on the same labels (``i % 10``) and
 seeds (one per batch), batch by batch interleaved with a baseline run of the same batch (A B A B), after a
@@ -15,7 +15,6 @@ Fréchet distance to the real held-out digits in the classifier's feature space)
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -24,7 +23,12 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from fastgen.utils.commands import CommandParser
+from fastgen.utils.logging import get_logger, log_to_stderr_with_time
+
 __all__ = ["timed_call", "compare", "cfg_sweep", "d16_speed", "main"]
+
+logger = get_logger(__name__)
 
 
 def timed_call(pipe, labels: Sequence[int], seed: int, **kw: Any) -> tuple[np.ndarray, dict[str, Any]]:
@@ -91,7 +95,7 @@ def compare(pipe, recipes: Sequence[str], n: int = 500, batch: int = 50, guidanc
         if base_imgs is not None and recipe != "baseline":
             row["same_as_baseline"] = float(np.mean([np.array_equal(a, c) for a, c in zip(base_imgs, imgs)]))
         rows.append(row)
-        print(json.dumps(row), file=sys.stderr, flush=True)
+        logger.info("%s", json.dumps(row))
     return rows
 
 
@@ -108,7 +112,7 @@ def cfg_sweep(pipe, scales: Sequence[float], n: int = 500, batch: int = 50, top_
         s = digits.score(labels, np.concatenate(imgs))
         rows.append({"guidance_scale": g, "top_k": top_k, "top_p": top_p, "accuracy": round(s["accuracy"], 4),
                      "fid": round(s["fid"], 3)})
-        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        logger.info("%s", json.dumps(rows[-1]))
     return rows
 
 
@@ -117,9 +121,9 @@ def d16_speed(images: int = 1, depth: int = 16, seed: int = 0, recipes: Sequence
     """KV-cached sampling speed of a random-weight VAR-d{depth} + the release-shaped VQ-VAE at 256 px
     (batch 1, CFG on: 2 rows), split into transformer and VQ-VAE decoding time; one row per recipe
     (a single dict for the baseline alone)."""
-    from .pipeline import VARPipeline
-    from .var import VAR, VARConfig
-    from .vqvae import VQVAE, VQVAEConfig
+    from fastgen.ar.pipeline import VARPipeline
+    from fastgen.ar.var import VAR, VARConfig
+    from fastgen.ar.vqvae import VQVAE, VQVAEConfig
 
     torch.manual_seed(seed)
     with torch.device("meta"):
@@ -130,7 +134,7 @@ def d16_speed(images: int = 1, depth: int = 16, seed: int = 0, recipes: Sequence
         for m in (vae, var):
             for name, p in m.named_parameters():
                 p.normal_(0, 0.02) if p.ndim > 1 else p.zero_()
-        from .var import block_causal_buffers
+        from fastgen.ar.var import block_causal_buffers
 
         var.lvl_1L.copy_(block_causal_buffers(var.patch_nums)[0])
         var.attn_bias_for_masking.zero_()
@@ -157,12 +161,16 @@ def d16_speed(images: int = 1, depth: int = 16, seed: int = 0, recipes: Sequence
                     "threads": torch.get_num_threads(), "images": images, **{k: round(v, 2) for k, v in med.items()},
                     "images_per_s": round(1.0 / med["total_s"], 4),
                     "transformer_images_per_s": round(1.0 / med["transformer_s"], 4)})
-        print(json.dumps(out[-1]), file=sys.stderr, flush=True)
+        logger.info("%s", json.dumps(out[-1]))
     return out[0] if len(out) == 1 else out
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fastgen.ar.evaluate", description=__doc__.split("\n\n")[0])
+    """``fastgen experiment var-eval [--recipes ...] [--cfg-sweep ...] [--d16]`` (see ``--help``)."""
+    ap = CommandParser(prog="fastgen experiment var-eval", description=__doc__.split("\n\n")[0],
+                       example='fastgen experiment var-eval --recipes baseline fastvar:0.5 "cfg-share:2" --n 500\n'
+                               "fastgen experiment var-eval --cfg-sweep 0,1,2,3,4 --n 500\n"
+                               "fastgen experiment var-eval --d16 --images 1 --recipes fastvar:0.5")
     ap.add_argument("--model", default="digits-var", help="zoo name or a VARPipeline folder (default digits-var)")
     ap.add_argument("--recipes", nargs="*", default=None, help="recipes to compare with the baseline")
     ap.add_argument("--cfg-sweep", default=None, help="comma-separated guidance scales")
@@ -176,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None, help="write the rows here")
     args = ap.parse_args(argv)
+    log_to_stderr_with_time()  # the per-recipe rows as they come
     torch.set_num_threads(args.threads)
     if args.d16:
         rows: Any = d16_speed(args.images, recipes=["baseline"] + [r for r in (args.recipes or []) if r != "baseline"])
@@ -185,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         from fastgen import zoo
 
         if Path(args.model).is_dir():
-            from .pipeline import VARPipeline
+            from fastgen.ar.pipeline import VARPipeline
 
             pipe = VARPipeline.from_pretrained(args.model)
             pipe.set_progress_bar_config(disable=True)
@@ -201,11 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     from pathlib import Path
 
     text = json.dumps(rows, indent=1)
-    print(text)
+    sys.stdout.write(text + "\n")
     if args.json:
         Path(args.json).write_text(text)
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

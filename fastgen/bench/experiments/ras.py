@@ -1,25 +1,24 @@
 """RAS measurements: FLOP-ideal speedup and the selection-rule experiment.
 
-``python -m fastgen.caches.ras_experiment flops --model bench-sd3 --tokens 4096 --ratios 0.5 0.25``
+``fastgen experiment ras flops --model bench-sd3 --tokens 4096 --ratios 0.5 0.25``
     counts the FLOPs of one dense and one sparse transformer forward (``FlopCounterMode``; PyTorch does
     not count the CPU flash-attention kernel, so a formula for it is added here) plus the rest of the
     pipeline, and prints the FLOP-ideal end-to-end speedup of each ratio under RAS's dense schedule, and
     the measured time of a sparse forward relative to a dense one (interleaved, median of ``--repeats``).
 
-``python -m fastgen.caches.ras_experiment rules --model PATH --n 16 --steps 28``
+``fastgen experiment ras rules --model PATH --n 16 --steps 28``
     the selection-rule experiment: recompute the highest- vs lowest-focus tokens, mixes of both ends,
     the reference's "middle" rule, each with and without the starvation term, at one sample ratio;
     reports same-seed PSNR against the dense baseline and, for the zoo's shapes models, the evaluator's
     score. Prints a Markdown table (``--json`` writes the rows).
 
-``python -m fastgen.caches.ras_experiment pareto --model shapes-mmdit``
+``fastgen experiment ras pareto --model shapes-mmdit``
     ``fastgen bench`` of ``ras:0.5``/``ras:0.25`` on a zoo model with the fewer-steps control rows at
     equal latency (the zoo's default call: collapsed zero tokens, 64 image + 18 context tokens).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -29,11 +28,12 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from ..bench.profile import capture_denoiser_call
-from ..hooks import CallState, get_state
-from .ras import RASConfig, apply_ras, remove_ras
+from fastgen.bench.profile import capture_denoiser_call
+from fastgen.caches.ras import RASConfig, apply_ras, remove_ras
+from fastgen.hooks import CallState, get_state
+from fastgen.utils.commands import CommandParser
 
-__all__ = ["count_flops", "flop_ideal", "time_forwards", "rule_experiment", "RULE_VARIANTS"]
+__all__ = ["count_flops", "flop_ideal", "time_forwards", "rule_experiment", "RULE_VARIANTS", "main"]
 
 
 def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -155,7 +155,7 @@ RULE_VARIANTS: dict[str, dict] = {
 def rule_experiment(pipe, prompts: list[str], call_kwargs: dict, ratio: float = 0.25, variants: dict | None = None,
                     seeds=(0,), scorer=None, base_config: RASConfig | None = None) -> list[dict]:
     """Same-seed PSNR vs the dense baseline (and ``scorer(prompts, images)`` scores) for each selection rule."""
-    from ..bench.metrics import psnr
+    from fastgen.bench.metrics import psnr
 
     variants = variants or RULE_VARIANTS
     base_config = base_config or RASConfig()
@@ -213,16 +213,26 @@ def _markdown(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fastgen.caches.ras_experiment")
+    """``fastgen experiment ras flops|rules|pareto ...`` (see ``--help``)."""
+    ap = CommandParser(prog="fastgen experiment ras", description=__doc__.split("\n\n")[0],
+                       example="fastgen experiment ras flops --model bench-sd3 --tokens 4096 --ratios 0.5 0.25\n"
+                               "fastgen experiment ras rules --model shapes-mmdit --n 16 --steps 28\n"
+                               "fastgen experiment ras pareto --model shapes-mmdit")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    f = sub.add_parser("flops", help="FLOP-ideal speedup and sparse/dense forward time")
+    f = sub.add_parser("flops", help="FLOP-ideal speedup and sparse/dense forward time",
+                       description="FLOP-ideal end-to-end speedup of RAS ratios and the measured time of a sparse "
+                                   "transformer forward relative to a dense one.",
+                       example="fastgen experiment ras flops --model bench-sd3 --tokens 4096 --ratios 0.5 0.25")
     f.add_argument("--model", default="bench-sd3", help="bench-/tiny- model, zoo name or zoo training-output folder")
     f.add_argument("--tokens", type=int, default=4096, help="image tokens (bench-/tiny- models)")
     f.add_argument("--steps", type=int, default=28)
     f.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.25])
     f.add_argument("--guidance-scale", type=float, default=None, help="default: 1 (bench-/tiny-), the zoo's (zoo)")
     f.add_argument("--repeats", type=int, default=3, help="interleaved dense/sparse forward pairs (0: FLOPs only)")
-    r = sub.add_parser("rules", help="selection-rule experiment")
+    r = sub.add_parser("rules", help="selection-rule experiment",
+                       description="The selection-rule experiment: which tokens RAS recomputes, each rule's same-seed "
+                                   "PSNR against dense (and the evaluator's score on the shapes models).",
+                       example="fastgen experiment ras rules --model shapes-mmdit --n 16 --steps 28 --ratio 0.25")
     r.add_argument("--model", default="shapes-mmdit", help="zoo name, model name or diffusers folder")
     r.add_argument("--n", type=int, default=16, help="prompts (sampled from the shapes world)")
     r.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -231,7 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--tokens", type=int, default=None, help="image tokens for tiny-/bench- models")
     r.add_argument("--guidance-scale", type=float, default=None)
     r.add_argument("--variants", nargs="+", default=None, help=f"subset of: {', '.join(RULE_VARIANTS)}")
-    pa = sub.add_parser("pareto", help="zoo model: RAS vs fewer steps at equal latency (fastgen bench with control rows)")
+    pa = sub.add_parser("pareto", help="zoo model: RAS vs fewer steps at equal latency (fastgen bench with control rows)",
+                        description="fastgen bench of RAS recipes on a zoo model with the fewer-steps control rows at "
+                                    "equal latency.",
+                        example="fastgen experiment ras pareto --model shapes-mmdit --recipes ras:0.5 ras:0.25")
     pa.add_argument("--model", default="shapes-mmdit", help="zoo name or a zoo training-output folder")
     pa.add_argument("--recipes", nargs="+", default=["ras:0.5", "ras:0.25"])
     pa.add_argument("--n", type=int, default=8)
@@ -247,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.cmd == "flops":
         loaded = _load_zoo(a.model)
         if loaded is not None:  # the zoo's own call (its CFG scale, size and token collapsing)
-            from .. import zoo
+            from fastgen import zoo
 
             pipe, name = loaded
             kw = {k: v for k, v in zoo.call_kwargs(name).items() if k != "num_inference_steps"}
@@ -255,8 +268,8 @@ def main(argv: list[str] | None = None) -> int:
             if a.guidance_scale is not None:
                 kw["guidance_scale"] = a.guidance_scale
         else:
-            from ..models import load_model
-            from ..testing import bench_resolution
+            from fastgen.models import load_model
+            from fastgen.testing import bench_resolution
 
             pipe = load_model(a.model)
             kind = a.model.split("-", 1)[1]
@@ -277,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
                            step_efficiency=(fl["sparse"][ratio] / fl["dense"]) / t["fraction"])
             rows.append(row)
     else:
-        from .. import zoo
+        from fastgen import zoo
 
         loaded = _load_zoo(a.model)
         if loaded is not None:
@@ -285,8 +298,8 @@ def main(argv: list[str] | None = None) -> int:
             kw = zoo.call_kwargs(name)
             scorer = _shapes_scorer()
         else:
-            from ..models import load_model
-            from ..testing import bench_resolution
+            from fastgen.models import load_model
+            from fastgen.testing import bench_resolution
 
             pipe = load_model(a.model)
             kw = {}
@@ -298,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         kw["num_inference_steps"] = a.steps
         if a.guidance_scale is not None:
             kw["guidance_scale"] = a.guidance_scale
-        from ..zoo import shapes
+        from fastgen.zoo import shapes
 
         prompts = shapes.sample_prompts(a.n, seed=shapes.EVAL_SEED)
         variants = {k: RULE_VARIANTS[k] for k in a.variants} if a.variants else None
@@ -314,7 +327,7 @@ def _load_zoo(model: str):
     """``(pipe, zoo name)`` for a zoo model name or a zoo training-output folder, else None."""
     import os
 
-    from .. import zoo
+    from fastgen import zoo
 
     if model in zoo.list():
         return zoo.load_default(model), model
@@ -326,10 +339,10 @@ def _load_zoo(model: str):
 
 
 def _pareto(a) -> int:
-    from .. import zoo
-    from ..bench import benchmark, markdown_table
-    from ..bench.runner import BenchSettings
-    from ..zoo import evaluate, shapes
+    from fastgen import zoo
+    from fastgen.bench import benchmark, markdown_table
+    from fastgen.bench.runner import BenchSettings
+    from fastgen.zoo import evaluate, shapes
 
     loaded = _load_zoo(a.model)
     if loaded is None:
@@ -361,7 +374,7 @@ def _no_binning(pipe) -> dict:
 
 def _load_folder(path: str):
     """A zoo training-output folder (its model_index may omit optional components such as T5)."""
-    from .. import zoo
+    from fastgen import zoo
 
     try:
         return zoo.load_pipeline(path)
@@ -381,7 +394,7 @@ def _load_folder(path: str):
 
 
 def _shapes_scorer():
-    from ..zoo import evaluate
+    from fastgen.zoo import evaluate
 
     def score(prompts, images):
         s = evaluate.score(prompts, images)
@@ -390,6 +403,3 @@ def _shapes_scorer():
 
     return score
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,6 +1,6 @@
-"""Same-seed PSNR and evaluator score of PTQ vs QALoRA against FP, from a ``quant.qalora`` run folder.
+"""Same-seed PSNR and evaluator score of PTQ vs QALoRA against FP, from a ``fastgen train qalora`` run folder.
 
-``python -m fastgen.quant.bench_ptq --run runs/q-w4a8 --bits w4a8 --n 64`` loads the zoo model, generates ``n``
+``fastgen experiment ptq --run runs/q-w4a8 --bits w4a8 --n 64`` loads the zoo model, generates ``n``
 held-out prompts (seed ``i`` for prompt ``i``) three times -- FP; PTQ (the run's calibration, no LoRA);
 QALoRA (the run's ``quantized.safetensors``) -- and prints the PSNR of each quantized set against FP over
 all images and the evaluator's overall score of each.
@@ -8,19 +8,25 @@ all images and the evaluator's overall score of each.
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from fastgen.utils.commands import CommandParser
+
 __all__ = ["main"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fastgen.quant.bench_ptq", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--run", required=True, help="a quant.qalora run folder (calibration.pt, quantized.safetensors)")
+    """``fastgen experiment ptq --run DIR --bits BITS [...]`` (see ``--help``)."""
+    ap = CommandParser(prog="fastgen experiment ptq", description=__doc__.split("\n\n")[0],
+                       example="fastgen train qalora --model shapes-mmdit --bits w4a8 --out runs/q-w4a8 --steps 400\n"
+                               "fastgen experiment ptq --run runs/q-w4a8 --bits w4a8 --n 64")
+    ap.add_argument("--run", required=True, help="a `fastgen train qalora` run folder (calibration.pt, "
+                                                 "quantized.safetensors)")
     ap.add_argument("--bits", required=True, help="the run's recipe arguments, e.g. w4a8")
     ap.add_argument("--model", default="shapes-mmdit", help="zoo model the run quantized")
     ap.add_argument("--n", type=int, default=64, help="held-out prompts")
@@ -32,9 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     from fastgen.bench import psnr
     from fastgen.zoo import evaluate, shapes
 
-    from .calibration import CalibrationSet, calibrate
-    from .io import load
-    from .qalora import QALoRAConfig, apply_qalora, remove_qalora
+    from fastgen.quant import CalibrationSet, QALoRAConfig, apply_qalora, calibrate, load, remove_qalora
 
     run = Path(args.run)
     prompts = shapes.sample_prompts(args.n, shapes.EVAL_SEED)
@@ -62,9 +66,6 @@ def main(argv: list[str] | None = None) -> int:
         "psnr_db": {"ptq": float(psnr(np.stack(ptq), np.stack(fp))), "qalora": float(psnr(np.stack(qalora), np.stack(fp)))},
         "overall": {k: evaluate.score(prompts, v)["overall"] for k, v in (("fp", fp), ("ptq", ptq), ("qalora", qalora))},
     }
-    print(json.dumps(res))
+    sys.stdout.write(json.dumps(res) + "\n")
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,6 +1,6 @@
 """The quality table of a zoo model: evaluator scores at several step counts, the real-image and chance rows.
 
-``python -m fastgen.zoo.report shapes-mmdit [--path DIR] [--n 200] [--steps 4 8 16 28] [--json F]``
+``fastgen experiment zoo-report shapes-mmdit [--path DIR] [--n 200] [--steps 4 8 16 28] [--json F]``
 
 Every row generates ``n`` held-out prompts (``shapes.sample_prompts(n, EVAL_SEED)``, image ``i`` seeded
 with ``i``) with the model's default sampler and guidance, scores them with
@@ -12,13 +12,13 @@ images of those prompts (the evaluator's ceiling) and the real images scored aga
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from typing import Any
 
 import numpy as np
 
+from fastgen.utils.commands import CommandParser
 from fastgen.utils.logging import get_logger
 
 __all__ = ["quality_table", "markdown", "main"]
@@ -66,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from fastgen import zoo
 
-    ap = argparse.ArgumentParser(prog="python -m fastgen.zoo.report", description=__doc__.split("\n\n")[0])
+    """``fastgen experiment zoo-report MODEL [...]`` (see ``--help``)."""
+    ap = CommandParser(prog="fastgen experiment zoo-report", description=__doc__.split("\n\n")[0],
+                       example="fastgen experiment zoo-report shapes-mmdit --n 200 --steps 4 8 16 28")
     ap.add_argument("model", choices=zoo.MODELS)
     ap.add_argument("--path", default=None, help="pipeline folder (default: the shipped weights)")
     ap.add_argument("--n", type=int, default=200)
@@ -86,6 +88,3 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(rows, f, indent=1, default=float)
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

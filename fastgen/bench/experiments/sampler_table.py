@@ -1,10 +1,10 @@
 """The samplers' quality table on a zoo model: evaluator score and same-seed PSNR against a many-step reference.
 
-``python -m fastgen.samplers.table shapes-mmdit [--steps 4 6 8 12] [--reference 50] [--n 200] [--json F] [--markdown F]``
+``fastgen experiment sampler-table shapes-mmdit [--steps 4 6 8 12] [--reference 50] [--n 200] [--json F] [--markdown F]``
 
 For every sampler of :func:`samplers.list` that can drive the model (the others are listed with the
 reason) and every step count, it generates ``n`` held-out prompts (image ``i`` seeded with ``i``, the
-evaluator's convention, so the numbers line up with ``python -m fastgen.zoo.report``) through
+evaluator's convention, so the numbers line up with ``fastgen experiment zoo-report``) through
 ``fastgen.accelerate(pipe, "sampler:NAME@K")``, and reports:
 
 * ``score``: the exact evaluator's overall score (and the single-object score);
@@ -19,13 +19,13 @@ sampler must stay within 0.03 of) and at ``reference`` steps.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from typing import Any
 
 import numpy as np
 
+from fastgen.utils.commands import CommandParser
 from fastgen.utils.logging import get_logger
 
 __all__ = ["sampler_table", "markdown", "main"]
@@ -110,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     from fastgen import zoo
     from fastgen.utils.logging import log_to_stderr_with_time
 
-    ap = argparse.ArgumentParser(prog="python -m fastgen.samplers.table", description=__doc__.split("\n\n")[0])
+    """``fastgen experiment sampler-table MODEL [...]`` (see ``--help``)."""
+    ap = CommandParser(prog="fastgen experiment sampler-table", description=__doc__.split("\n\n")[0],
+                       example="fastgen experiment sampler-table shapes-mmdit --steps 4 6 8 12 --reference 50 --n 200")
     ap.add_argument("model", choices=[m for m in zoo.MODELS if m not in zoo.AR_MODELS])
     ap.add_argument("--path", default=None, help="pipeline folder (default: the shipped weights)")
     ap.add_argument("--steps", type=int, nargs="+", default=[4, 6, 8, 12])
@@ -137,6 +139,3 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(rows, f, indent=1, default=str)
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
