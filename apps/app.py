@@ -33,6 +33,7 @@ import torch
 from fastgen.api import accelerate, remove, summary
 from fastgen.errors import FastgenError, RecipeError
 from fastgen.registry import list_techniques, parse_recipe, recipe_string
+from fastgen.prompts import GENERIC_PROMPTS
 from fastgen.utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -47,9 +48,9 @@ MOBILE_MESSAGE = ('not available: the mobile target runs the denoiser as an Exec
                   'recipe), which needs the mobile extra: pip install "fastgen[mobile]". Use CPU or GPU.')
 #: What the mobile target adds to a recipe that does not choose its own ``executorch`` program.
 MOBILE_DEFAULT = "executorch:fp32"
-#: Prompts "Find fastest recipe" screens on for models without an evaluator.
-TUNE_PROMPTS = ("a red circle left of a blue square", "two green triangles", "a yellow square above a red circle",
-                "a blue circle")
+#: Prompts "Find fastest recipe" screens on for models without an evaluator (generic text-to-image prompts; a zoo
+#: model screens on its own held-out prompts).
+TUNE_PROMPTS = GENERIC_PROMPTS[:4]
 _APP_EXTRA_HINT = 'pip install "fastgen[app]"'
 
 
@@ -145,7 +146,7 @@ def model_defaults(model: str) -> dict[str, Any]:
                 "prompt": "a red circle left of a blue square", "class_conditional": False}
     if _class_conditional_name(model):
         return {"steps": 8, "cfg": None, "prompt": "circle", "class_conditional": True}
-    return {"steps": 8, "cfg": None, "prompt": "a red circle left of a blue square", "class_conditional": False}
+    return {"steps": 8, "cfg": None, "prompt": GENERIC_PROMPTS[0], "class_conditional": False}
 
 
 def recipe_choices(steps: int = 28) -> list[str]:

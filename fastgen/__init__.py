@@ -4,11 +4,13 @@
 >>> from fastgen.testing import tiny_pipeline
 >>> pipe = tiny_pipeline("sd3")
 >>> fastgen.accelerate(pipe, "sampler:dpm++2m@8")      # doctest: +SKIP
+>>> fastgen.accelerate(pipe, fastgen.ToMeConfig(ratio=0.5))  # doctest: +SKIP
 >>> fastgen.summary(pipe)                              # doctest: +SKIP
 >>> fastgen.remove(pipe)                               # doctest: +SKIP
 
-See README.md for every capability, ``fastgen info`` for what is installed, and ``fastgen bench`` for
-measured speed and quality.
+Every technique's config is exported here (:data:`CONFIGS`: ``fastgen.RASConfig``, ``fastgen.QALoRAConfig``, ...).
+See README.md and docs/ for every capability, ``fastgen info`` for what is installed, and ``fastgen bench``
+for measured speed and quality.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .adapters import Adapter, get_adapter, supported_pipelines
-from .api import accelerate, remove, summary
+from .api import accelerate, apply_technique, remove, remove_technique, summary
 from .errors import (
     FastgenError,
     IncompatibleTechniquesError,
@@ -28,6 +30,29 @@ from .models import list_models, load_model
 from .registry import Technique, list_techniques, parse_recipe, recipe_string, register_technique
 from .steps import StepsConfig
 from .utils.logging import get_logger, set_verbosity
+
+#: Every technique's config class, exported here (``fastgen.ToMeConfig(ratio=0.5)``). They are looked up in the
+#: registry on first use, so ``import fastgen`` stays light and the core imports none of the optional packages
+#: (quant, distill) that define some of them. The benchmark's anchors (other projects' code) are not exported.
+CONFIGS = (
+    "StepsConfig", "SamplerConfig", "ScheduleConfig", "SkipTuningConfig", "CFGIntervalConfig", "ToMeConfig",
+    "DeepCacheConfig", "BlockCacheConfig", "RASConfig", "VARAttnConfig", "FastVARConfig", "CoDeConfig",
+    "CFGShareConfig", "GDConfig", "QALoRAConfig", "Int8Config", "ExecuTorchConfig",
+)
+
+
+def __getattr__(name: str):
+    if name in CONFIGS:
+        from .registry import config_class
+
+        cls = config_class(name)
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module 'fastgen' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(CONFIGS))
 
 
 
@@ -46,5 +71,5 @@ __all__ = [
     "__version__", "accelerate", "remove", "summary", "parse_recipe", "recipe_string", "register_technique",
     "list_techniques", "Technique", "Adapter", "get_adapter", "supported_pipelines", "load_model", "list_models", "load_default",
     "StepsConfig", "FastgenError", "RecipeError", "UnsupportedPipelineError", "IncompatibleTechniquesError",
-    "MissingExtraError", "get_logger", "set_verbosity",
+    "MissingExtraError", "get_logger", "set_verbosity", "apply_technique", "remove_technique", *CONFIGS,
 ]

@@ -150,11 +150,14 @@ def _install(pipe, tech: Technique, cfg: Any) -> None:
     lifted = _lift_others(pipe, tech.name) if tech.replaces_denoiser else []
     try:
         st = attach(pipe)
+        st.busy += 1
         try:
             handle = tech.install(pipe, st, cfg)
         except BaseException:
             detach_if_empty(pipe)
             raise
+        finally:
+            st.busy -= 1
         st.applied[tech.name] = cfg
         st.saved[tech.name] = handle
         if tech.on_call is not None:
@@ -170,7 +173,11 @@ def _uninstall(pipe, tech: Technique) -> None:
     lifted = _lift_others(pipe, tech.name) if tech.replaces_denoiser else []
     try:
         st: PipelineState = get_state(pipe)
-        tech.uninstall(pipe, st, st.saved[tech.name])
+        st.busy += 1
+        try:
+            tech.uninstall(pipe, st, st.saved[tech.name])
+        finally:
+            st.busy -= 1
         del st.applied[tech.name]
         st.saved.pop(tech.name, None)
         st.call_hooks.pop(tech.name, None)
@@ -200,6 +207,45 @@ def remove_technique(pipe, name: str):
     if name in applied(pipe):
         _uninstall(pipe, get_technique(name))
     return pipe
+
+
+def adopt(pipe, name: str, config: Any, handle: Any = None) -> bool:
+    """Record technique ``name`` as applied with ``config`` when one of its building blocks patched ``pipe``
+    directly (``fastgen.quant.apply_qalora(pipe)``, ``quant.to_int8(pipe)``), so :func:`summary` reports it and
+    :func:`remove` undoes it like any other technique.
+
+    A no-op while the core runs a technique's install or uninstall (that technique owns what its building blocks
+    do), and for a pipeline fastgen does not support (the building block still works; there is just no record).
+    ``handle`` is what the technique's ``uninstall`` will be given. Returns True when a record was made or
+    updated.
+    """
+    st = get_state(pipe)
+    if st is not None and st.busy:
+        return False
+    tech = get_technique(name)
+    try:
+        st = attach(pipe)
+    except UnsupportedPipelineError:
+        logger.debug("%s applied to an unsupported %s: not recorded", name, type(pipe).__name__)
+        return False
+    st.applied[name] = config
+    st.saved[name] = handle
+    if tech.on_call is not None:
+        on_call = tech.on_call
+        st.call_hooks[name] = lambda p, kwargs: on_call(p, handle, kwargs)
+    return True
+
+
+def release(pipe, name: str) -> None:
+    """Drop the record :func:`adopt` made when the building block's own undo (``quant.remove_qalora(pipe)``) runs
+    outside the core; a no-op inside the core's uninstall and when nothing is recorded."""
+    st = get_state(pipe)
+    if st is None or st.busy or name not in st.applied:
+        return
+    del st.applied[name]
+    st.saved.pop(name, None)
+    st.call_hooks.pop(name, None)
+    detach_if_empty(pipe)
 
 
 def applied(pipe) -> dict[str, Any]:

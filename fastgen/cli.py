@@ -22,6 +22,7 @@ import torch
 
 from .errors import FastgenError
 from .models import DEFAULT_MODEL, FALLBACK_MODEL, default_model
+from .prompts import GENERIC_PROMPTS, resolve_prompts
 from .utils.commands import CommandParser
 from .utils.logging import get_logger
 
@@ -284,7 +285,7 @@ def _export_call_kwargs(args, pipe) -> dict:
         kw = zoo.call_kwargs(args.model)
         kw.update(prompt=args.prompt or "a red circle left of a blue square", num_inference_steps=4)
     else:
-        kw = default_call_kwargs(pipe, args.prompt or "a red circle left of a blue square", steps=4)
+        kw = default_call_kwargs(pipe, args.prompt or GENERIC_PROMPTS[0], steps=4)
         kind = args.model.split("-", 1)[-1]
         if args.model.startswith(("tiny-", "bench-")):
             from .testing import KINDS, bench_resolution, tiny_resolution
@@ -354,11 +355,10 @@ def _export_int8(pipe, args, kw: dict, check: bool):
             ref = den(**inputs)[0]
             calib_kw = {k: v for k, v in kw.items() if k not in ("prompt", "num_inference_steps", "generator")}
             quant.quantize(pipe, quant.QALoRAConfig(w_bits=args.bits, a_bits=8, rank=0),
-                           prompts=None if "class_labels" in kw else ["a red circle", "two blue squares",
-                                                                      "a green triangle", "three yellow circles"],
+                           prompts=None if "class_labels" in kw else resolve_prompts(pipe, args.calibration_prompts, 4),
                            num_inference_steps=8, **calib_kw)
-            notes.append(f"data-free W{args.bits}A8 PTQ (4 prompts, 8 steps); fine-tune with python -m fastgen.quant.qalora "
-                         "for better accuracy")
+            notes.append(f"data-free W{args.bits}A8 PTQ ({args.calibration_prompts or '4 default prompts'}, 8 steps); "
+                         "fine-tune with `fastgen train qalora` for better accuracy")
         path = quant.save(pipe, args.out)
         rep = ExportReport(target="int8", path=str(path), bytes=os.path.getsize(path),
                            quantization=quant.read_header(path)["bits"] + " integer safetensors",
@@ -601,6 +601,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="onnx: onnxruntime quantization (static = QDQ int8 calibrated on the pipeline's own calls)")
     p.add_argument("--ort", action="store_true", help="onnx: also write the .ort (ONNX Runtime Mobile) file")
     p.add_argument("--prompt", default=None, help="prompt of the call whose denoiser inputs are exported")
+    p.add_argument("--calibration-prompts", default=None, metavar="FILE",
+                   help="int8 without --from-qalora: calibrate on these prompts (one per line; default: "
+                        "fastgen.prompts.default_prompts, generic text-to-image prompts for your model)")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--device", default="cpu")

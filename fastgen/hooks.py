@@ -183,6 +183,7 @@ class PipelineState:
     call: CallState = field(default_factory=CallState)
     last_call: dict | None = None
     counter_on: torch.nn.Module | None = None
+    busy: int = 0  # > 0 while the core runs a technique's install/uninstall (see fastgen.api.adopt)
 
 
 class HookBase:

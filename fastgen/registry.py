@@ -165,6 +165,15 @@ def technique_for_config(config: Any) -> Technique:
     )
 
 
+def config_class(name: str) -> type:
+    """The config class called ``name`` (e.g. ``"ToMeConfig"``) of a registered technique."""
+    for t in list_techniques():
+        if t.config_cls.__name__ == name:
+            return t.config_cls
+    raise AttributeError(f"no registered technique has a config class {name!r}; its plugin may have failed to load "
+                         "(run `fastgen info`, or set FASTGEN_VERBOSITY=debug to see why)")
+
+
 def parse_recipe(recipe: str) -> list[Any]:
     """Parse a recipe string into technique configs.
 

@@ -15,6 +15,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 
+from fastgen.api import adopt, release
 from fastgen.errors import UnsupportedPipelineError
 from fastgen.hooks import add_hook, remove_hook
 from fastgen.utils.logging import get_logger
@@ -193,6 +194,8 @@ def apply_qalora(pipe_or_model, config: QALoRAConfig | None = None, *, specs: di
     n8 = sum(1 for s in specs.values() if s.rank == 0 and s.w_bits == 8 and config.w_bits != 8)
     logger.info("qalora %s on %s: %d layers quantized (%d at W8A8 first/last), %d kept FP", config.bits,
                 type(model).__name__, len(specs), n8, len(kept))
+    if pipe_or_model is not model:  # called on a pipeline: fastgen.summary / fastgen.remove see it as "qalora"
+        adopt(pipe_or_model, "qalora", config)
     return pipe_or_model
 
 
@@ -210,6 +213,8 @@ def remove_qalora(pipe_or_model):
         if n in st.requires_grad:
             p.requires_grad_(st.requires_grad[n])
     delattr(model, _STATE)
+    if pipe_or_model is not model:
+        release(pipe_or_model, "qalora")
     return pipe_or_model
 
 

@@ -29,6 +29,8 @@ from fastgen.utils.logging import get_logger
 
 from diffusers.hooks import ModelHook
 
+from fastgen.prompts import GENERIC_PROMPTS, default_prompts
+
 from .apply import qalora_layers, quant_mode, require_qalora
 from .common import TIMESTEP_NAMES, get_denoiser, timestep_values
 from .quantizers import search_act_qparams
@@ -40,12 +42,9 @@ __all__ = ["CalibrationRecord", "CalibrationSet", "capture_calibration", "calibr
 
 _CAPTURE_HOOK = "fastgen_qalora_capture"
 
-#: Prompts used when none are given (generic; pass your model's own prompt distribution when you can).
-DEFAULT_PROMPTS: tuple[str, ...] = (
-    "a red circle left of a blue square", "two green triangles", "a photo of a cat sitting on a sofa",
-    "an astronaut riding a horse", "a yellow square above a red circle", "three blue circles",
-    "a dog in the snow", "a picture of a green square on the right",
-)
+#: The generic prompt set used when none are given (:data:`fastgen.prompts.GENERIC_PROMPTS`; zoo models get their
+#: own world's prompts, class-conditional pipelines their labels: :func:`fastgen.prompts.default_prompts`).
+DEFAULT_PROMPTS: tuple[str, ...] = GENERIC_PROMPTS
 
 
 def _map(obj, fn):
@@ -194,8 +193,8 @@ def capture_calibration(pipe, prompts: Sequence | None = None, *, num_inference_
 
     Args:
         pipe: a diffusers pipeline.
-        prompts: prompts (class labels for DiT); default :data:`DEFAULT_PROMPTS` (DiT: labels 0-7 of its
-            ``id2label``). Data-free: nothing but prompts is needed.
+        prompts: prompts (class labels for DiT); default :func:`fastgen.prompts.default_prompts` (8 generic
+            prompts; a zoo model's own world; DiT: labels 0-7 of its ``id2label``). Data-free: nothing but prompts is needed.
         num_inference_steps, guidance_scale, height, width: the pipeline call settings (default: the
             pipeline's own defaults). Calibrate with the settings you will sample with; other step
             counts still work (nearest calibrated timestep).
@@ -210,11 +209,7 @@ def capture_calibration(pipe, prompts: Sequence | None = None, *, num_inference_
     """
     model = get_denoiser(pipe)
     if prompts is None:
-        if "class_labels" in inspect.signature(type(pipe).__call__).parameters:
-            n = len(getattr(pipe, "labels", None) or {}) or 8
-            prompts = list(range(min(8, n)))
-        else:
-            prompts = list(DEFAULT_PROMPTS)
+        prompts = default_prompts(pipe, 8)
     prompts = list(prompts)
     if not prompts:
         raise ValueError("capture_calibration needs at least one prompt")

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from fastgen.errors import RecipeError
+from fastgen.prompts import check_calibration_prompts
 
 __all__ = ["QALoRAConfig", "LayerSpec", "DEFAULT_KEEP_FP", "MODULATION_LAYERS", "FIRST_LAST_LAYERS"]
 
@@ -69,6 +70,11 @@ class QALoRAConfig:
             (default :data:`FIRST_LAST_LAYERS`; ``()`` quantizes them like the others).
         calib_samples: activation values kept per layer and timestep for the ``"mse"`` search (default 2048).
         seed: seed of the LoRA ``A`` initialisation and of the calibration subsampling (default 0).
+        calibration_prompts: what the ``qalora:`` recipe's quick calibration runs on (no effect on speed;
+            quality follows how well they match your real prompts): None (default) = 4 prompts of
+            :func:`fastgen.prompts.default_prompts` (generic text-to-image prompts; a zoo model's own world;
+            class labels for DiT), a tuple of your prompts, or a path to a text file of one prompt per line
+            (recipe option ``prompts=FILE``). Not stored in saved files.
     """
 
     w_bits: int = 8
@@ -84,6 +90,7 @@ class QALoRAConfig:
     eight_bit: tuple[str, ...] = FIRST_LAST_LAYERS
     calib_samples: int = 2048
     seed: int = 0
+    calibration_prompts: str | tuple[str, ...] | None = None
 
     def __post_init__(self):
         def bits_ok(b):
@@ -107,6 +114,7 @@ class QALoRAConfig:
             object.__setattr__(self, k, tuple(v))
         if not isinstance(self.calib_samples, int) or self.calib_samples < 16:
             raise ValueError(f"calib_samples must be an integer >= 16, got {self.calib_samples!r}")
+        object.__setattr__(self, "calibration_prompts", check_calibration_prompts(self.calibration_prompts))
 
     @property
     def bits(self) -> str:
@@ -116,6 +124,7 @@ class QALoRAConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["keep_fp"], d["eight_bit"] = list(self.keep_fp), list(self.eight_bit)
+        d.pop("calibration_prompts")  # an input of the recipe's calibration, not a property of the quantized model
         return d
 
     @classmethod
@@ -135,17 +144,20 @@ class QALoRAConfig:
         """Parse recipe arguments: ``"w4a8"``, ``"w8a8,r16"``, ``"w4a16"`` (weight-only), options
         ``rN`` (rank), ``flat`` (one activation step for all timesteps), ``sym`` (symmetric activations),
         ``max``/``mse`` (init of both), ``mod`` (quantize modulation layers), ``no8`` (first/last layers at
-        the given bits too: ``eight_bit=()``). ``None`` gives the defaults."""
+        the given bits too: ``eight_bit=()``), ``prompts=FILE`` (calibration prompts, one per line). ``None`` gives the defaults."""
         if args is None or not args.strip():
             return cls()
-        parts = [p.strip().lower() for p in args.split(",") if p.strip()]
+        raw_parts = [p.strip() for p in args.split(",") if p.strip()]
+        parts = [p.lower() for p in raw_parts]
         m = re.fullmatch(r"w(\d+)a(\d+|fp)", parts[0])
         if not m:
             raise RecipeError(f"expected the bits first, like 'w4a8' or 'w8a8' (w4a16 = weight-only), got {parts[0]!r}")
         a = m.group(2)
         kw: dict[str, Any] = {"w_bits": int(m.group(1)), "a_bits": None if a in ("16", "fp") else int(a)}
-        for p in parts[1:]:
-            if p[:1] == "r" and p[1:].isdigit():
+        for raw, p in zip(raw_parts[1:], parts[1:]):
+            if p.startswith("prompts="):
+                kw["calibration_prompts"] = raw.split("=", 1)[1]
+            elif p[:1] == "r" and p[1:].isdigit():
                 kw["rank"] = int(p[1:])
             elif p == "flat":
                 kw["per_timestep_act"] = False
@@ -158,7 +170,8 @@ class QALoRAConfig:
             elif p == "no8":
                 kw["eight_bit"] = ()
             else:
-                raise RecipeError(f"unknown qalora option {p!r}; options: rN (LoRA rank), flat, sym, max|mse, mod, no8")
+                raise RecipeError(f"unknown qalora option {p!r}; options: rN (LoRA rank), flat, sym, max|mse, mod, no8, "
+                                  "prompts=FILE (calibration prompts, one per line)")
         try:
             return cls(**kw)
         except ValueError as e:
@@ -180,6 +193,8 @@ class QALoRAConfig:
             s.append("mod")
         if not self.eight_bit:
             s.append("no8")
+        if isinstance(self.calibration_prompts, str):
+            s.append(f"prompts={self.calibration_prompts}")
         return ",".join(s)
 
 

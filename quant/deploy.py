@@ -48,8 +48,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.hooks import ModelHook
 
+from fastgen.api import adopt, release
 from fastgen.errors import RecipeError, UnsupportedPipelineError
 from fastgen.hooks import add_hook, remove_hook
+from fastgen.prompts import check_calibration_prompts
 from fastgen.utils.logging import get_logger
 
 from .apply import plan_layers, qalora_state
@@ -93,6 +95,10 @@ class Int8Config:
             see one token per sample, where an int8 GEMM has nothing to win).
         keep_original: keep the original modules for :func:`remove_int8` (default True). False frees them
             (the real weight-memory saving) and makes the conversion one-way.
+        calibration_prompts: ``int8:static`` on a pipeline that is not quantized yet: what its quick W8A8
+            calibration runs on (no effect on speed): None (default) = 4 prompts of
+            :func:`fastgen.prompts.default_prompts` (generic; a zoo model's own world; DiT labels), a tuple
+            of your prompts, or a prompt file of one per line (recipe option ``prompts=FILE``).
     """
 
     mode: str = "dynamic"
@@ -102,6 +108,7 @@ class Int8Config:
     keep_fp: tuple[str, ...] = DEFAULT_KEEP_FP
     quantize_modulation: bool = False
     keep_original: bool = True
+    calibration_prompts: str | tuple[str, ...] | None = None
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -109,16 +116,21 @@ class Int8Config:
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         object.__setattr__(self, "keep_fp", tuple(self.keep_fp))
+        object.__setattr__(self, "calibration_prompts", check_calibration_prompts(self.calibration_prompts))
 
     @classmethod
     def from_string(cls, args: str | None) -> "Int8Config":
         """Recipe arguments: ``"dynamic"`` (default), ``"static"``, ``"fp8"``, then options ``torchao``,
-        ``intmm``, ``eager`` (no compile), ``fp`` (ignore QALoRA weights), ``mod`` (quantize modulation)."""
+        ``intmm``, ``eager`` (no compile), ``fp`` (ignore QALoRA weights), ``mod`` (quantize modulation),
+        ``prompts=FILE`` (calibration prompts of ``static``, one per line)."""
         if args is None or not args.strip():
             return cls()
         kw: dict[str, Any] = {}
-        for p in (s.strip().lower() for s in args.split(",") if s.strip()):
-            if p in MODES:
+        for raw in (s.strip() for s in args.split(",") if s.strip()):
+            p = raw.lower()
+            if p.startswith("prompts="):
+                kw["calibration_prompts"] = raw.split("=", 1)[1]
+            elif p in MODES:
                 kw["mode"] = p
             elif p in BACKENDS:
                 kw["backend"] = p
@@ -131,9 +143,12 @@ class Int8Config:
             elif p == "mod":
                 kw["quantize_modulation"] = True
             else:
-                raise RecipeError(f"unknown int8 option {p!r}; use dynamic|static|fp8, torchao|intmm, eager, fp, mod "
-                                  "(e.g. 'int8:static,eager')")
-        return cls(**kw)
+                raise RecipeError(f"unknown int8 option {p!r}; use dynamic|static|fp8, torchao|intmm, eager, fp, mod, "
+                                  "prompts=FILE (e.g. 'int8:static,eager')")
+        try:
+            return cls(**kw)
+        except ValueError as e:
+            raise RecipeError(str(e)) from None
 
     def to_string(self) -> str:
         d = Int8Config()
@@ -146,6 +161,8 @@ class Int8Config:
             s.append("fp")
         if self.quantize_modulation:
             s.append("mod")
+        if isinstance(self.calibration_prompts, str):
+            s.append(f"prompts={self.calibration_prompts}")
         return ",".join(s)
 
 
@@ -538,7 +555,15 @@ def to_int8(pipe_or_model, mode: str | Int8Config = "dynamic", *, from_qalora: b
     if getattr(model, _STATE, None) is not None:
         remove_int8(model)
     if config.mode == "fp8":
-        return _to_fp8(pipe_or_model, model, config)
+        _to_fp8(model, config)
+    else:
+        _to_int8(model, config)
+    if pipe_or_model is not model:  # called on a pipeline: fastgen.summary / fastgen.remove see it as "int8"
+        adopt(pipe_or_model, "int8", config, False)
+    return pipe_or_model
+
+
+def _to_int8(model: nn.Module, config: Int8Config) -> None:
     if config.backend == "torchao":
         require_torchao()
     sources, kept, source, n_conv = _sources(model, config)
@@ -584,10 +609,9 @@ def to_int8(pipe_or_model, mode: str | Int8Config = "dynamic", *, from_qalora: b
     logger.info("int8 %s (%s) on %s: %d Linear layers from %s, %d kept float%s", config.mode, config.backend,
                 type(model).__name__, len(layers), source, len(kept),
                 f", {n_conv} QALoRA conv layers stay fake-quant" if n_conv else "")
-    return pipe_or_model
 
 
-def _to_fp8(pipe_or_model, model: nn.Module, config: Int8Config):
+def _to_fp8(model: nn.Module, config: Int8Config) -> None:
     dev = next(model.parameters()).device
     if dev.type != "cuda" or torch.cuda.get_device_capability(dev) < (8, 9):
         where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "the CPU"
@@ -613,7 +637,6 @@ def _to_fp8(pipe_or_model, model: nn.Module, config: Int8Config):
         layers[name] = (parent, attr, original, new)
     compiled = compile_blocks(model) if config.compile else []
     setattr(model, _STATE, Int8State(config, layers, compiled, None, kept, "fp32 weights (fp8 e4m3 per row)"))
-    return pipe_or_model
 
 
 def remove_int8(pipe_or_model):
@@ -632,6 +655,8 @@ def remove_int8(pipe_or_model):
         setattr(parent, attr, original)
     remove_hook(model, _HOOK)
     delattr(model, _STATE)
+    if pipe_or_model is not model:
+        release(pipe_or_model, "int8")
     return pipe_or_model
 
 

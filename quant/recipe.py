@@ -5,8 +5,10 @@
 
 * loads the fine-tuned QALoRA file shipped for the pipeline when there is one
   (``fastgen/zoo/weights/<zoo model>-<bits>.safetensors``; none ship yet), checking it against the config;
-* otherwise runs a short data-free calibration (:func:`quant.capture_calibration` on
-  :data:`CALIBRATION_PROMPTS` prompts at :data:`CALIBRATION_STEPS` steps, before any timing) and applies
+* otherwise runs a short data-free calibration (:func:`quant.capture_calibration` on the config's
+  ``calibration_prompts`` — your prompts, or a prompt file with ``"qalora:w8a8,prompts=FILE"`` — else on
+  :data:`CALIBRATION_PROMPTS` default prompts (:func:`calibration_prompts`: generic text-to-image prompts for
+  your pipeline, the shapes world only for a zoo model), at :data:`CALIBRATION_STEPS` steps, before any timing) and applies
   plain PTQ with the config's bits (LoRA at zero). For the fine-tuned model run
   ``python -m fastgen.quant.qalora`` and load its file with :func:`quant.load`.
 
@@ -22,12 +24,13 @@ from __future__ import annotations
 
 from pathlib import Path
 from fastgen.api import apply_technique, remove_technique
+from fastgen.prompts import is_class_conditional, resolve_prompts
 from fastgen.registry import Technique, register_technique
 
 from .deploy import Int8Config
 from .qalora import QALoRAConfig, qalora_summary, remove_qalora
 
-__all__ = ["CALIBRATION_PROMPTS", "CALIBRATION_STEPS", "apply_qalora_recipe", "remove_qalora_recipe", "apply_int8_recipe",
+__all__ = ["CALIBRATION_PROMPTS", "CALIBRATION_STEPS", "calibration_prompts", "apply_qalora_recipe", "remove_qalora_recipe", "apply_int8_recipe",
            "remove_int8_recipe"]
 
 _NAME = "qalora"
@@ -56,11 +59,8 @@ def _install_qalora(pipe, st, config: QALoRAConfig) -> None:
     else:
         calib = None
         if config.a_bits is not None:
-            from fastgen.zoo import shapes
-
-            prompts = None if _class_conditional(pipe) else shapes.sample_prompts(CALIBRATION_PROMPTS, 123)
-            calib = capture_calibration(pipe, prompts, num_inference_steps=CALIBRATION_STEPS,
-                                        batch_size=CALIBRATION_PROMPTS)
+            calib = capture_calibration(pipe, calibration_prompts(pipe, config.calibration_prompts),
+                                        num_inference_steps=CALIBRATION_STEPS, batch_size=CALIBRATION_PROMPTS)
         quantize(pipe, config, calibration=calib)
 
 
@@ -78,14 +78,18 @@ def remove_qalora_recipe(pipe):
     return remove_technique(pipe, _NAME)
 
 
-def _call_params(pipe) -> set[str]:
-    import inspect
-
-    return set(inspect.signature(type(pipe).__call__).parameters)
+#: Seed of the shapes-grammar stream a zoo model's recipe calibration draws its prompts from (not the evaluator's).
+ZOO_CALIBRATION_SEED = 123
 
 
-def _class_conditional(pipe) -> bool:
-    return "class_labels" in _call_params(pipe)
+def calibration_prompts(pipe, prompts) -> list | None:
+    """What the recipes' quick calibration runs on: the config's ``calibration_prompts`` (a sequence or a prompt
+    file) when set; else :data:`CALIBRATION_PROMPTS` prompts of :func:`fastgen.prompts.default_prompts`
+    (a zoo model: its shapes world; others: generic text-to-image prompts) and, for a class-conditional
+    pipeline, None (:func:`quant.capture_calibration`'s labels 0-7)."""
+    if prompts is None and is_class_conditional(pipe):
+        return None
+    return resolve_prompts(pipe, prompts, CALIBRATION_PROMPTS, seed=ZOO_CALIBRATION_SEED)
 
 
 register_technique(Technique(
@@ -120,11 +124,8 @@ def _install_int8(pipe, st, config: Int8Config) -> bool:
 
     own = False
     if config.mode == "static" and not is_quantized(pipe):
-        from fastgen.zoo import shapes
-
-        prompts = None if _class_conditional(pipe) else shapes.sample_prompts(CALIBRATION_PROMPTS, 123)
-        calib = capture_calibration(pipe, prompts, num_inference_steps=CALIBRATION_STEPS,
-                                    batch_size=CALIBRATION_PROMPTS)
+        calib = capture_calibration(pipe, calibration_prompts(pipe, config.calibration_prompts),
+                                    num_inference_steps=CALIBRATION_STEPS, batch_size=CALIBRATION_PROMPTS)
         quantize(pipe, QALoRAConfig(w_bits=8, a_bits=8, rank=0, eight_bit=()), calibration=calib)
         own = True
     try:

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from fastgen.utils.io import Resumable, check_same_config
 from fastgen.utils.logging import get_logger, log_to_stderr_with_time
+from fastgen.prompts import default_prompts, is_class_conditional, read_prompts
 
 from .calibration import CalibrationSet, calibrate, capture_calibration, first_tensor, replay
 from .apply import apply_qalora, qalora_layers, qalora_state, quant_mode, remove_qalora, require_qalora, trainable_parameters
@@ -391,7 +392,7 @@ def finetune_qalora(pipe, config: QALoRAConfig | str | None = None, prompts: Seq
     Args:
         pipe: a diffusers pipeline (quantized in place; remove with :func:`quant.remove_qalora`).
         config: a :class:`QALoRAConfig` or a recipe argument string like ``"w4a8"``.
-        prompts: calibration prompts (default: :data:`quant.calibration.DEFAULT_PROMPTS`).
+        prompts: calibration prompts (default: :func:`fastgen.prompts.default_prompts`).
         out: run folder, or None (nothing written).
         steps: shortcut for ``finetune.steps``.
         capture: keyword arguments of :func:`quant.capture_calibration` (``num_inference_steps``,
@@ -540,21 +541,17 @@ def main(argv: list[str] | None = None) -> int:
     pipe, ck, zoo_name = _load_model(args.model, device)
     pipe.set_progress_bar_config(disable=True)
     if args.prompt_file:
-        prompts = [ln.strip() for ln in Path(args.prompt_file).read_text().splitlines() if ln.strip()]
+        prompts = read_prompts(args.prompt_file)
         holdout_prompts = []
     elif zoo_name is not None:
         from fastgen.zoo import shapes
 
         prompts = shapes.sample_prompts(args.prompts, 10_000 + args.seed)
         holdout_prompts = shapes.sample_prompts(args.holdout_prompts, 20_000 + args.seed) if args.holdout_prompts else []
+    elif is_class_conditional(pipe):
+        prompts, holdout_prompts = list(range(min(args.prompts, 3))), []
     else:
-        from .calibration import DEFAULT_PROMPTS
-
-        if "class_labels" in __import__("inspect").signature(type(pipe).__call__).parameters:
-            prompts, holdout_prompts = list(range(min(args.prompts, 3))), []
-        else:
-            prompts = [DEFAULT_PROMPTS[i % len(DEFAULT_PROMPTS)] for i in range(args.prompts)]
-            holdout_prompts = []
+        prompts, holdout_prompts = default_prompts(pipe, args.prompts), []
     capture = {"batch_size": args.batch, **ck}
     if args.calib_steps is not None:
         capture["num_inference_steps"] = args.calib_steps

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from ..api import accelerate, remove, summary
 from ..hooks import attach, detach_if_empty, get_state
 from ..registry import parse_recipe, recipe_string
+from ..prompts import GENERIC_PROMPTS
 from ..utils.logging import get_logger
 from .memory import PeakMemory
 from .metrics import psnr, ssim
@@ -33,12 +34,9 @@ logger = get_logger(__name__)
 
 __all__ = ["BenchSettings", "benchmark", "call_kwargs"]
 
-DEFAULT_PROMPTS = (
-    "a red circle left of a blue square",
-    "two green triangles",
-    "a yellow square above a red circle",
-    "a blue circle",
-)
+#: Quality-pass prompts of a user's pipeline when none are given (generic; ``fastgen bench`` passes a zoo model's
+#: held-out prompts itself).
+DEFAULT_PROMPTS = GENERIC_PROMPTS[:4]
 
 
 @dataclass

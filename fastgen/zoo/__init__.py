@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import builtins
 import importlib
+import sys
 import json
 from pathlib import Path
 from typing import Any
@@ -314,19 +315,27 @@ def load_pipeline(path: str | Path, device: Any = None, dtype: Any = None):
     from ..utils.io import dtype_kwarg
 
     check_weights(path)
-    # components a pre-0.2 folder names by an old top-level package (``"distill.models"``): load them from
-    # their ``fastgen.`` module and hand them over, since diffusers would try to import the old name
-    legacy = {}
+    # components a pre-0.2 folder names by an old top-level package (``"distill.models"``): diffusers resolves a
+    # non-diffusers library from sys.modules, so the old name points at its ``fastgen.`` module while this
+    # folder loads (and only then: a user's own ``distill`` package is not shadowed afterwards)
+    aliases = {}
     spec = json.loads((Path(path) / "model_index.json").read_text())
     for comp, val in spec.items():
         if not comp.startswith("_") and isinstance(val, builtins.list) and len(val) == 2 and legacy_library(val[0]):
             logger.warning("%s names %r for %s, a module of fastgen < 0.2; loading it from %r. Change that entry of "
                            "model_index.json to %r (or save the pipeline again) so plain diffusers loads it too",
                            Path(path) / "model_index.json", val[0], comp, legacy_library(val[0]), legacy_library(val[0]))
-            cls = _component_class(val[0], val[1])
-            legacy[comp] = cls.from_pretrained(str(Path(path) / comp), **dtype_kwarg(dtype or torch.float32))
-    pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, **legacy,
-                                             **dtype_kwarg(dtype or torch.float32))
+            if _component_class(val[0], val[1]) is None:
+                raise WeightsError(f"{Path(path) / 'model_index.json'} names {val[1]} in {val[0]!r}, which "
+                                   f"{legacy_library(val[0])!r} does not define")
+            if val[0] not in sys.modules:
+                aliases[val[0]] = importlib.import_module(legacy_library(val[0]))
+    sys.modules.update(aliases)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, **dtype_kwarg(dtype or torch.float32))
+    finally:
+        for name in aliases:
+            sys.modules.pop(name, None)
     pipe.set_progress_bar_config(disable=True)
     meta = Path(path) / "fastgen_zoo.json"
     if meta.exists() and json.loads(meta.read_text()).get("model") == "shapes-mmdit":
