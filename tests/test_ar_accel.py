@@ -13,7 +13,8 @@ import fastgen
 from fastgen.ar import VAR, VARConfig, VQVAE, VQVAEConfig, load_official
 from fastgen.ar.accel import CFGShareConfig, CoDeConfig, FastVARConfig
 from fastgen.ar.pipeline import VARPipeline
-from fastgen.ar.var import block_causal_buffers, filter_top_k_top_p, hmar_official_to_fastgen, scale_contributions
+from fastgen.ar.checkpoints import hmar_official_to_fastgen
+from fastgen.ar.var import block_causal_buffers, filter_top_k_top_p, scale_contributions
 from fastgen.errors import MissingExtraError, RecipeError, UnsupportedPipelineError
 
 torch.set_num_threads(1)
@@ -338,3 +339,28 @@ def test_diffusion_pipelines_are_refused():
     for r in ("fastvar:0.5", "cfg-share:2", "var-attn:math"):
         with pytest.raises(UnsupportedPipelineError, match="next-scale AR"):
             fastgen.accelerate(p, r)
+
+
+def test_scale_hooks_interface():
+    from fastgen.ar.accel import scale_hooks
+    from fastgen.ar.scale_hooks import HookChain, ScaleHooks
+
+    vae, var = tiny_vae(), tiny_var()
+    run = lambda **kw: var.sample(3, [1, 2, 3], cfg=2.0, vae=vae, generator=torch.Generator().manual_seed(0), **kw)  # noqa: E731
+    plain = run()
+    for hooks in (ScaleHooks(), [ScaleHooks(), ScaleHooks()]):  # the base hook is the plain step, bit-exactly
+        assert torch.equal(run(hooks=hooks).f_hat, plain.f_hat)
+    both = scale_hooks(prune=FastVARConfig(0.5), cfg_share=CFGShareConfig(start=-2))
+    assert isinstance(HookChain(both), ScaleHooks)
+    stats: dict = {}
+    run(hooks=both, stats=stats)
+    assert [(r["tokens"], r["rows"]) for r in stats["scales"]] == [(1, 6), (4, 6), (4, 3), (8, 3)]
+
+    class NoUncond(ScaleHooks):  # drops the unconditional rows but does not guide: refused
+        def plan(self, step):
+            step.uncond = step.si < 2
+
+    with pytest.raises(ValueError, match="no scale hook guided it"):
+        run(hooks=NoUncond())
+    with pytest.raises(ValueError, match="two scale hooks prune"):
+        run(hooks=scale_hooks(prune=FastVARConfig(0.5)) + scale_hooks(prune=FastVARConfig(0.5)))

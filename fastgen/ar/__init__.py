@@ -3,8 +3,11 @@ Modeling: Scalable Image Generation via Next-Scale Prediction", NeurIPS 2024) th
 checkpoints (``vae_ch160v4096z32.pth``, ``var_d{16,20,24,30,36}.pth``) unchanged.
 
 * :mod:`fastgen.ar.vqvae` -- the multi-scale residual VQ-VAE (tokeniser) and its config.
-* :mod:`fastgen.ar.var` -- the transformer (teacher forcing, KV-cached sampling with ramped CFG) and the
-  checkpoint loader :func:`load_official`.
+* :mod:`fastgen.ar.var` -- the transformer (teacher forcing, KV-cached sampling with ramped CFG).
+* :mod:`fastgen.ar.checkpoints` -- reading the released checkpoints (:func:`load_official`), trainer and
+  NVlabs-HMAR layouts, with every mismatch named (:class:`CheckpointError`).
+* :mod:`fastgen.ar.scale_hooks` -- the per-scale hook interface through which accelerators change
+  :meth:`VAR.sample`'s next-scale loop.
 * :mod:`fastgen.ar.pipeline` -- :class:`VARPipeline` (``pipe(class_labels).images``, in/out-painting,
   ``save_pretrained``/``from_pretrained``).
 * HMAR mode (Kumbong et al., CVPR 2025): ``VARConfig(markov=True, mask_layers=0|n)`` -- block-diagonal
@@ -20,18 +23,8 @@ Speed/quality of recipes on ``digits-var`` and the VAR-d16 speed probe: ``fastge
 
 from __future__ import annotations
 
-from .var import (
-    CheckpointError,
-    KVCache,
-    VAR,
-    VARConfig,
-    VARSample,
-    infer_var_config,
-    infer_vqvae_config,
-    load_official,
-    read_checkpoint,
-    sample_top_k_top_p,
-)
+from .checkpoints import CheckpointError, infer_var_config, infer_vqvae_config, load_official, read_checkpoint
+from .var import KVCache, VAR, VARConfig, VARSample, sample_top_k_top_p
 from .vqvae import PATCH_NUMS_256, PATCH_NUMS_512, VQVAE, VQVAEConfig, phi_index
 
 __all__ = [

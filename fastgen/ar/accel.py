@@ -5,7 +5,9 @@
 denoiser is ``pipe.var``). Each technique is a typed config, an ``install``/``uninstall`` pair the core
 runs (:mod:`fastgen.api`) and a recipe string. Except ``var-attn`` (which sets the attention kernel of ``pipe.var``'s attention modules), none
 of them touches a module: they add keyword arguments to every pipeline call (``prune=``,
-``cfg_share=``, ``refiner=``/``draft_scales=``), which :meth:`fastgen.ar.var.VAR.sample` carries out, so
+``cfg_share=``, ``refiner=``/``draft_scales=``), which the pipeline turns into fresh per-call hooks of
+:meth:`fastgen.ar.var.VAR.sample`'s next-scale loop (:func:`scale_hooks`: :class:`FastVARHooks`,
+:class:`CFGShareHooks`, :class:`CoDeHooks`, on the interface of :mod:`fastgen.ar.scale_hooks`), so
 ``fastgen.remove`` restores the pipeline bit-exactly by construction and every call starts clean.
 ``fastgen.summary(pipe)["last_call"]`` reports what ran at every scale (tokens computed, rows, model).
 
@@ -18,7 +20,7 @@ Techniques (measured speed and quality on the zoo's ``digits-var`` in the README
 ``fastvar:RATIO[,last=N,metric=hf|mean,fill=cache|logits|zero]`` (:class:`FastVARConfig`)
     FastVAR-style token pruning (Guo et al., "FastVAR: Linear Visual Autoregressive Modeling via Cached
     Token Pruning", ICCV 2025). At the last ``N`` scales only the top ``(1 - RATIO)`` of the tokens,
-    ranked by a cheap score of the scale's input (:func:`fastgen.ar.var.prune_scores`; default
+    ranked by a cheap score of the scale's input (:func:`prune_scores`; default
     ``"hf"``: the energy the previous, coarser grid cannot represent), run through the transformer
     (attention, MLP, K/V cache: everything scales with the kept tokens). The pruned positions are filled
     from a cache of the previous scale (``fill``): its final hidden states bilinearly upsampled and put
@@ -45,24 +47,29 @@ Techniques (measured speed and quality on the zoo's ``digits-var`` in the README
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import require_extra
 from ..api import apply_technique, remove_technique
 from ..hooks import get_state
 from ..registry import Technique, register_technique
 from ..utils.logging import get_logger
+from .checkpoints import load_module
+from .scale_hooks import ScaleHooks, ScaleStep
 from .var import VAR, SelfAttention
 
 logger = get_logger(__name__)
 
 __all__ = ["VARAttnConfig", "FastVARConfig", "CoDeConfig", "CFGShareConfig", "apply_var_attn", "remove_var_attn",
            "apply_fastvar", "remove_fastvar", "apply_code", "remove_code", "apply_cfg_share", "remove_cfg_share",
-           "FASTVAR_PRESETS", "load_refiner"]
+           "FASTVAR_PRESETS", "load_refiner", "FastVARHooks", "CFGShareHooks", "CoDeHooks", "scale_hooks",
+           "check_refiner", "prune_scores"]
 
 _FAMILY = ("var",)
 _STATS_KEY = "var"
@@ -247,6 +254,195 @@ class CFGShareConfig:
         if si < s:
             return True
         return self.every > 0 and (si - s) % self.every == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# The techniques as per-scale hooks of VAR.sample (fastgen.ar.scale_hooks)
+# --------------------------------------------------------------------------------------------------
+
+
+def prune_scores(in_BChw: torch.Tensor, prev_pn: int, metric: str = "hf") -> torch.Tensor:
+    """Per-token score ``B x pn^2`` of a scale's continuous input ``in_BChw`` (the running reconstruction
+    downsampled to the scale) used to rank tokens for FastVAR-style pruning (high = keep):
+
+    * ``"hf"``: high-frequency energy ``||x - up(area(x, prev_pn))||^2``, what the previous, coarser grid
+      cannot represent (bilinear upsampling);
+    * ``"mean"``: FastVAR's ``||x - mean(x)||^2`` (deviation from the scale's mean token).
+    """
+    if metric == "hf":
+        coarse = F.interpolate(in_BChw, size=(prev_pn, prev_pn), mode="area")
+        up = F.interpolate(coarse, size=in_BChw.shape[-2:], mode="bilinear", align_corners=False)
+        d = in_BChw - up
+    elif metric == "mean":
+        d = in_BChw - in_BChw.mean(dim=(2, 3), keepdim=True)
+    else:
+        raise ValueError(f"unknown pruning metric {metric!r}; use 'hf' or 'mean'")
+    return d.float().square().sum(1).flatten(1)
+
+
+def _grid_resize(x_RnC: torch.Tensor, pn: int, mode: str) -> torch.Tensor:
+    """Resize a flattened ``p x p`` token grid ``R x p^2 x C`` to ``R x pn^2 x C``."""
+    R, n, C = x_RnC.shape
+    p = int(round(math.sqrt(n)))
+    g = x_RnC.transpose(1, 2).reshape(R, C, p, p)
+    kw = {"align_corners": False} if mode == "bilinear" else {}
+    return F.interpolate(g, size=(pn, pn), mode=mode, **kw).flatten(2).transpose(1, 2)
+
+
+def _match_rows(x: torch.Tensor, R: int) -> torch.Tensor:
+    """``x`` with ``R`` rows: the first ``R`` (conditional) rows, or the rows repeated (B -> 2B)."""
+    if x.shape[0] == R:
+        return x
+    if x.shape[0] > R:
+        return x[:R]
+    return x.repeat(R // x.shape[0], *([1] * (x.ndim - 1)))
+
+
+class FastVARHooks(ScaleHooks):
+    """FastVAR pruning (:class:`FastVARConfig`) in ``VAR.sample``: ``plan`` keeps the top-ranked tokens of a
+    pruned scale (:func:`prune_scores`), ``full_grid`` fills the others from the previous scale
+    (``config.fill``), ``on_logits`` remembers this scale's hidden states and logits for the next one, and
+    ``on_tokens`` puts the zero code at the pruned positions with ``fill="zero"``."""
+
+    def __init__(self, config: FastVARConfig):
+        self.config = config
+        self._h: torch.Tensor | None = None  # previous scale's final hidden states (R x n x C), or None
+        self._raw: torch.Tensor | None = None  # previous scale's logits (R x n x V)
+        self._keep: torch.Tensor | None = None  # the tokens kept at the current scale
+        self._quant: Any = None
+
+    def begin(self, var, vae, B: int) -> None:
+        self._h = self._raw = self._keep = None
+        self._quant = vae.quantize
+
+    def plan(self, step: ScaleStep) -> None:
+        if step.handed_over:
+            self._h = None  # hidden states of the previous model mean nothing to the new one
+        self._keep = self._select(step) if step.si > 0 else None
+        if self._keep is not None:
+            step.keep_Bk = self._keep
+
+    def _select(self, step: ScaleStep) -> torch.Tensor | None:
+        """Indices ``B x k`` (sorted) of the tokens to compute at ``step``, or ``None`` to run it dense."""
+        c = self.config
+        ratio = float(c.prune_ratio(step.si, step.K))
+        if ratio <= 0 or step.in_BChw is None:
+            return None
+        n = step.pn ** 2
+        k = max(1, int(round(n * (1.0 - ratio))))
+        if k >= n:
+            return None
+        if (c.fill == "cache" and self._h is None) or (c.fill == "logits" and self._raw is None):
+            return None  # nothing to fill from (e.g. right after a CoDe model switch)
+        scores_Bn = prune_scores(step.in_BChw, step.model.patch_nums[step.si - 1], c.metric)
+        return scores_Bn.topk(k, dim=1).indices.sort(dim=1).values
+
+    def full_grid(self, step: ScaleStep, h_RkC: torch.Tensor, cond_RD: torch.Tensor
+                  ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        keep_Bk, pn, fill = step.keep_Bk, step.pn, self.config.fill
+        B, k = keep_Bk.shape
+        R, n = h_RkC.shape[0], pn * pn
+        keep_Rk = keep_Bk.repeat(R // B, 1)
+        if fill == "cache":  # previous scale's final hidden states, bilinearly upsampled, under the kept ones
+            h_RnC = _grid_resize(_match_rows(self._h, R), pn, "bilinear").to(h_RkC.dtype)
+            h_RnC = h_RnC.scatter(1, keep_Rk.unsqueeze(-1).expand(-1, -1, h_RkC.shape[-1]), h_RkC)
+            return h_RnC, step.model.get_logits(h_RnC, cond_RD)
+        logits_RkV = step.model.get_logits(h_RkC, cond_RD)
+        V = logits_RkV.shape[-1]
+        if fill == "logits":  # previous scale's raw logits, nearest-upsampled
+            base_RnV = _grid_resize(_match_rows(self._raw, R), pn, "nearest").to(logits_RkV.dtype)
+        elif fill == "zero":  # placeholder: the sampled tokens there are replaced by the zero code
+            base_RnV = logits_RkV.new_zeros(R, n, V)
+        else:
+            raise ValueError(f"unknown pruning fill {fill!r}; use 'cache', 'logits' or 'zero'")
+        return None, base_RnV.scatter(1, keep_Rk.unsqueeze(-1).expand(-1, -1, V), logits_RkV)
+
+    def on_logits(self, step: ScaleStep, h_RnC: torch.Tensor | None, logits_RnV: torch.Tensor) -> None:
+        self._h, self._raw = h_RnC, logits_RnV
+        return None
+
+    def on_tokens(self, step: ScaleStep, idx_Bl: torch.Tensor) -> torch.Tensor:
+        if self._keep is None or self.config.fill != "zero":
+            return idx_Bl
+        # the code closest to the zero vector (a "no change" residual) at every pruned position
+        zero = int(self._quant.embedding.weight.detach().float().norm(dim=1).argmin())
+        kept_Bl = torch.zeros_like(idx_Bl, dtype=torch.bool).scatter_(1, self._keep, True)
+        return torch.where(kept_Bl, idx_Bl, torch.full_like(idx_Bl, zero))
+
+
+class CFGShareHooks(ScaleHooks):
+    """CFG-pair sharing (:class:`CFGShareConfig`) in ``VAR.sample``: ``plan`` drops the unconditional rows
+    where ``config.run_uncond`` is False (their K/V become copies of the conditional ones, see
+    :class:`fastgen.ar.scale_hooks.CondRowsCache`); ``on_logits`` remembers ``cond - uncond`` where both ran
+    and guides the other scales (``config.mode``)."""
+
+    def __init__(self, config: CFGShareConfig):
+        self.config = config
+        self._delta: tuple[torch.Tensor, int] | None = None  # last computed cond - uncond (B x n x V) and its pn
+
+    def begin(self, var, vae, B: int) -> None:
+        self._delta = None
+
+    def plan(self, step: ScaleStep) -> None:
+        if not self.config.run_uncond(step.si, step.K):
+            step.uncond = False
+
+    def on_logits(self, step: ScaleStep, h_RnC: torch.Tensor | None, logits_RnV: torch.Tensor) -> torch.Tensor | None:
+        B, pn, t = step.B, step.pn, step.t
+        if step.uncond:  # the standard CFG runs; remember its direction
+            self._delta = (logits_RnV[:B] - logits_RnV[B:], pn)
+            return None
+        cond_BnV = logits_RnV
+        if self.config.mode == "drop" or self._delta is None or t == 0:
+            return cond_BnV
+        delta_BpV, p_prev = self._delta
+        if p_prev != pn:
+            delta_BpV = _grid_resize(delta_BpV, pn, "nearest")
+        return cond_BnV + t * delta_BpV.to(cond_BnV.dtype)
+
+
+def check_refiner(drafter: VAR, refiner: VAR, draft_scales: int | None) -> None:
+    """Raise ``ValueError`` unless ``refiner`` can take over from ``drafter`` after ``draft_scales`` scales
+    (same scales, vocabulary, ``Cvae``, classes and device)."""
+    K = len(drafter.patch_nums)
+    if draft_scales is None or not 0 < int(draft_scales) < K:
+        raise ValueError(f"CoDe needs draft_scales in [1, {K - 1}] (the scales the main model drafts), "
+                         f"got {draft_scales}")
+    mine = (drafter.patch_nums, drafter.V, drafter.Cvae, drafter.num_classes)
+    theirs = (refiner.patch_nums, refiner.V, refiner.Cvae, refiner.num_classes)
+    if mine != theirs:
+        raise ValueError(f"the CoDe refiner must share patch_nums, vocabulary, Cvae and classes with the drafter: "
+                         f"drafter {mine}, refiner {theirs}")
+    if refiner.device != drafter.device:
+        raise ValueError(f"the CoDe refiner is on {refiner.device}, the drafter on {drafter.device}")
+
+
+class CoDeHooks(ScaleHooks):
+    """CoDe draft/refine in ``VAR.sample``: the sampled model drafts scales ``0 .. draft_scales - 1``, then
+    ``handover`` gives the rest to ``refiner``, which builds its own KV cache from the drafted scales."""
+
+    def __init__(self, refiner: VAR, draft_scales: int | None):
+        self.refiner, self.draft_scales = refiner, draft_scales
+
+    def begin(self, var, vae, B: int) -> None:
+        check_refiner(var, self.refiner, self.draft_scales)
+
+    def handover(self, si: int) -> VAR | None:
+        return self.refiner if si == self.draft_scales else None
+
+
+def scale_hooks(prune: FastVARConfig | None = None, cfg_share: CFGShareConfig | None = None,
+                refiner: VAR | None = None, draft_scales: int | None = None) -> list[ScaleHooks]:
+    """Fresh per-call hooks for ``VAR.sample(hooks=...)`` from the acceleration keyword arguments of a
+    :class:`~fastgen.ar.pipeline.VARPipeline` call (what the techniques' ``on_call`` adds)."""
+    hooks: list[ScaleHooks] = []
+    if refiner is not None:
+        hooks.append(CoDeHooks(refiner, draft_scales))
+    if cfg_share is not None:
+        hooks.append(CFGShareHooks(cfg_share))
+    if prune is not None:
+        hooks.append(FastVARHooks(prune))
+    return hooks
 
 
 # --------------------------------------------------------------------------------------------------
@@ -464,8 +660,6 @@ def load_refiner(spec: Any, pipe=None) -> VAR:
                 f"(the pipeline's folder {root!r} has no var_small/ sub-folder)")
         spec = cand
     path = Path(spec)
-    from .train import load_module
-
     if (path / "model_index.json").is_file():
         path = path / "var"
     if not (path / "config.json").is_file():
@@ -486,7 +680,7 @@ def _code_check(pipe, adapter, config: CoDeConfig) -> None:
 
 def _code_install(pipe, st, config: CoDeConfig) -> tuple:
     refiner = load_refiner(config.refiner, pipe)
-    pipe.var._check_refiner(refiner, config.draft)
+    check_refiner(pipe.var, refiner, config.draft)
     return config, refiner
 
 

@@ -28,7 +28,9 @@ from tqdm.auto import tqdm
 
 from fastgen.utils.logging import get_logger
 
-from .var import VAR, VARConfig, build_and_load, load_official, read_checkpoint
+from .checkpoints import build_and_load, load_official, read_checkpoint
+from .scale_hooks import ScaleHooks
+from .var import VAR, VARConfig
 from .vqvae import VQVAE, VQVAEConfig
 
 logger = get_logger(__name__)
@@ -95,7 +97,7 @@ class VARPipeline:
     def from_official(cls, vae_ckpt: str | os.PathLike | None, var_ckpt: str | os.PathLike, **kwargs: Any
                       ) -> "VARPipeline":
         """Load the released ``vae_ch160v4096z32.pth`` + ``var_d*.pth`` (or a trainer checkpoint); keyword
-        arguments go to :func:`fastgen.ar.var.load_official` (``depth``, ``patch_nums``, ``device``, ...)."""
+        arguments go to :func:`fastgen.ar.checkpoints.load_official` (``depth``, ``patch_nums``, ``device``, ...)."""
         vae, var = load_official(vae_ckpt, var_ckpt, **kwargs)
         return cls(vae, var)
 
@@ -264,6 +266,7 @@ class VARPipeline:
         cfg_share: Any = None,
         refiner: Any = None,
         draft_scales: int | None = None,
+        hooks: Any = None,
         stats: dict | None = None,
         callback_on_scale_end: Any = None,
     ) -> VARPipelineOutput | tuple:
@@ -283,8 +286,11 @@ class VARPipeline:
             return_dict: return a :class:`VARPipelineOutput` (else a tuple ``(images, tokens)``).
             hmar_steps: HMAR masked refinement ``{scale index: sub-steps}`` (HMAR models only).
             prune, cfg_share, refiner, draft_scales: acceleration (FastVAR pruning, CFG-pair sharing, CoDe
-                draft/refine); usually set by ``fastgen.accelerate`` (see :mod:`fastgen.ar.accel`) and
-                passed on to :meth:`fastgen.ar.var.VAR.sample`.
+                draft/refine); usually set by ``fastgen.accelerate`` (see :mod:`fastgen.ar.accel`), turned
+                into fresh per-call scale hooks (:func:`fastgen.ar.accel.scale_hooks`) of
+                :meth:`fastgen.ar.var.VAR.sample`.
+            hooks: further per-scale hooks (:class:`fastgen.ar.scale_hooks.ScaleHooks`, one or a sequence),
+                run after those.
             stats: a dict that receives what ran at every scale.
             callback_on_scale_end: called as ``callback_on_scale_end(k, K)`` after each scale ``k``.
         """
@@ -318,11 +324,17 @@ class VARPipeline:
             if callback_on_scale_end is not None:
                 callback_on_scale_end(si, K)
 
+        scale_hooks: list[Any] = []
+        if prune is not None or cfg_share is not None or refiner is not None:
+            from .accel import scale_hooks as accel_hooks
+
+            scale_hooks = accel_hooks(prune=prune, cfg_share=cfg_share, refiner=refiner, draft_scales=draft_scales)
+        if hooks is not None:
+            scale_hooks += [hooks] if isinstance(hooks, ScaleHooks) else list(hooks)
         try:
             out = self.var.sample(B, labels, cfg=guidance_scale, top_k=top_k, top_p=top_p, more_smooth=more_smooth,
                                   generator=generator, vae=self.vae, input_tokens=input_tokens, keep_masks=keep,
-                                  step_callback=on_scale, hmar_steps=hmar_steps, prune=prune, cfg_share=cfg_share,
-                                  refiner=refiner, draft_scales=draft_scales, stats=stats)
+                                  step_callback=on_scale, hmar_steps=hmar_steps, hooks=scale_hooks, stats=stats)
         finally:
             bar.close()
         img = self.vae.fhat_to_img(out.f_hat.to(self.vae.post_quant_conv.weight.dtype)).float().add(1).mul(0.5)

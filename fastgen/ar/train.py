@@ -62,7 +62,8 @@ from fastgen.utils.commands import CommandParser
 from fastgen.utils.io import Resumable, check_same_config
 from fastgen.utils.logging import get_logger, log_to_stderr_with_time
 
-from .var import VAR, VARConfig, build_and_load, read_checkpoint
+from .checkpoints import load_module
+from .var import VAR, VARConfig
 from .vqvae import VQVAE, VQVAEConfig
 
 logger = get_logger(__name__)
@@ -153,23 +154,6 @@ def save_module(module: torch.nn.Module, folder: str | os.PathLike) -> Path:
                                                 indent=2))
     _swap_dir(tmp, folder)
     return folder
-
-
-def load_module(folder: str | os.PathLike) -> torch.nn.Module:
-    """Inverse of :func:`save_module` (eval mode, no gradients)."""
-    folder = Path(folder)
-    cfg = json.loads((folder / "config.json").read_text())
-    kind = cfg.get("_class_name")
-    if kind == "VQVAE":
-        c = VQVAEConfig.from_dict(cfg)
-        m = build_and_load(lambda: VQVAE(c), read_checkpoint(folder / "model.safetensors", "vae"), "VQ-VAE", copy=False)
-    elif kind == "VAR":
-        c = VARConfig.from_dict(cfg)
-        m = build_and_load(lambda: VAR(c, init=False), read_checkpoint(folder / "model.safetensors", "var"), "VAR",
-                           copy=False)
-    else:
-        raise ValueError(f"{folder / 'config.json'}: _class_name {kind!r} is neither 'VQVAE' nor 'VAR'")
-    return m.eval().requires_grad_(False)
 
 
 def _swap_dir(tmp: Path, dst: Path) -> None:

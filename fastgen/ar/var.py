@@ -19,42 +19,30 @@ Model (paper Sec. 3-4, notation ``K`` scales with side lengths ``pn_1 < ... < pn
   ``t_k = cfg * k / (K - 1)``, ``logits = (1 + t_k) cond - t_k uncond``, then top-k / top-p sampling.
 * ``class_emb`` has ``num_classes + 1`` rows; the last row is the unconditional (null) class.
 
-Checkpoint loading lives here too: :func:`load_official` reads ``vae_ch160v4096z32.pth`` and a
-``var_d*.pth`` (or a trainer checkpoint ``{"trainer": {"var_wo_ddp": ..., "vae_local": ...}}``), infers the
-architecture from the tensors and reports every mismatch by name.
+This file is the model only. Loading the released checkpoints (:func:`fastgen.ar.checkpoints.load_official`)
+lives in :mod:`fastgen.ar.checkpoints`; the accelerators (FastVAR, CoDe, cfg-share in :mod:`fastgen.ar.accel`)
+change the next-scale loop of :meth:`VAR.sample` only through the per-scale hooks of
+:mod:`fastgen.ar.scale_hooks`.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import re
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastgen.errors import FastgenError
-from fastgen.utils.logging import get_logger
-
-from .vqvae import PATCH_NUMS_256, PATCH_NUMS_512, VQVAE, VQVAEConfig, config_from_dict
-
-logger = get_logger(__name__)
+from .scale_hooks import CondRowsCache, ScaleHooks, ScaleStep, as_hooks
+from .vqvae import PATCH_NUMS_256, VQVAE, config_from_dict
 
 __all__ = [
     "VARConfig", "VAR", "VARSample", "KVCache", "SelfAttention", "AdaLNSelfAttn", "AdaLNBeforeHead", "FFN",
-    "sample_top_k_top_p", "CheckpointError", "read_checkpoint", "infer_var_config", "infer_vqvae_config",
-    "load_state_dict_checked", "build_and_load", "load_official", "DERIVED_BUFFERS", "block_causal_buffers",
-    "attention", "prune_scores", "scale_contributions", "hmar_official_to_fastgen", "HMAR_KEY_MAP",
+    "sample_top_k_top_p", "filter_top_k_top_p", "block_causal_buffers", "attention", "scale_contributions",
 ]
-
-
-class CheckpointError(FastgenError, ValueError):
-    """A checkpoint does not match the model: wrong architecture, missing/unexpected/mis-shaped tensors."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -404,7 +392,7 @@ class VARSample:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Sampling state and the per-scale acceleration mechanics (configs live in fastgen.ar.accel)
+# Sampling state (what an accelerator changes in the next-scale loop goes through fastgen.ar.scale_hooks)
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -420,112 +408,9 @@ class _ModelState:
     caches: list[KVCache] | None
 
 
-class _HalfCache:
-    """A view of a 2B-row KV cache for a pass over the first ``R`` (conditional) rows only: the new K/V are
-    written for both halves (the unconditional half gets copies) and the first ``R`` rows are attended."""
-
-    def __init__(self, cache: KVCache, R: int):
-        self.cache, self.R = cache, R
-
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        reps = 2 if self.cache.k is None else self.cache.k.shape[0] // k.shape[0]
-        k_all, v_all = self.cache.append(k.repeat(reps, 1, 1, 1), v.repeat(reps, 1, 1, 1))
-        return k_all[:self.R], v_all[:self.R]
-
-    @property
-    def length(self) -> int:
-        return self.cache.length
-
-
-def prune_scores(in_BChw: torch.Tensor, prev_pn: int, metric: str = "hf") -> torch.Tensor:
-    """Per-token score ``B x pn^2`` of a scale's continuous input ``in_BChw`` (the running reconstruction
-    downsampled to the scale) used to rank tokens for FastVAR-style pruning (high = keep):
-
-    * ``"hf"``: high-frequency energy ``||x - up(area(x, prev_pn))||^2``, what the previous, coarser grid
-      cannot represent (bilinear upsampling);
-    * ``"mean"``: FastVAR's ``||x - mean(x)||^2`` (deviation from the scale's mean token).
-    """
-    if metric == "hf":
-        coarse = F.interpolate(in_BChw, size=(prev_pn, prev_pn), mode="area")
-        up = F.interpolate(coarse, size=in_BChw.shape[-2:], mode="bilinear", align_corners=False)
-        d = in_BChw - up
-    elif metric == "mean":
-        d = in_BChw - in_BChw.mean(dim=(2, 3), keepdim=True)
-    else:
-        raise ValueError(f"unknown pruning metric {metric!r}; use 'hf' or 'mean'")
-    return d.float().square().sum(1).flatten(1)
-
-
-def _prune_select(prune: Any, si: int, K: int, pns: Sequence[int], in_BChw: torch.Tensor | None,
-                  prev: dict[str, Any]) -> torch.Tensor | None:
-    """Indices ``B x k`` (sorted) of the tokens to compute at scale ``si``, or ``None`` to run it dense."""
-    ratio = float(prune.prune_ratio(si, K))
-    if ratio <= 0 or in_BChw is None:
-        return None
-    n = pns[si] ** 2
-    k = max(1, int(round(n * (1.0 - ratio))))
-    if k >= n:
-        return None
-    fill = prune.fill
-    if (fill == "cache" and prev.get("h") is None) or (fill == "logits" and prev.get("raw") is None):
-        return None  # nothing to fill from (e.g. right after a CoDe model switch)
-    scores_Bn = prune_scores(in_BChw, pns[si - 1], prune.metric)
-    return scores_Bn.topk(k, dim=1).indices.sort(dim=1).values
-
-
-def _grid_resize(x_RnC: torch.Tensor, pn: int, mode: str) -> torch.Tensor:
-    R, n, C = x_RnC.shape
-    p = int(round(math.sqrt(n)))
-    g = x_RnC.transpose(1, 2).reshape(R, C, p, p)
-    kw = {"align_corners": False} if mode == "bilinear" else {}
-    return F.interpolate(g, size=(pn, pn), mode=mode, **kw).flatten(2).transpose(1, 2)
-
-
-def _match_rows(x: torch.Tensor, R: int) -> torch.Tensor:
-    if x.shape[0] == R:
-        return x
-    if x.shape[0] > R:
-        return x[:R]
-    return x.repeat(R // x.shape[0], *([1] * (x.ndim - 1)))
-
-
-def _prune_fill(prune: Any, m: "VAR", st: _ModelState, h_RkC: torch.Tensor, keep_Bk: torch.Tensor, pn: int,
-                prev: dict[str, Any], R: int) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """Full-grid hidden states (or ``None``) and logits of a pruned scale (see ``FastVARConfig.fill``)."""
-    B, k = keep_Bk.shape
-    n = pn * pn
-    keep_Rk = keep_Bk.repeat(R // B, 1)
-    cond_BD = st.cond_BD[:R]
-    if prune.fill == "cache":  # previous scale's final hidden states, bilinearly upsampled, under the kept ones
-        h_RnC = _grid_resize(_match_rows(prev["h"], R), pn, "bilinear").to(h_RkC.dtype)
-        h_RnC = h_RnC.scatter(1, keep_Rk.unsqueeze(-1).expand(-1, -1, h_RkC.shape[-1]), h_RkC)
-        return h_RnC, m.get_logits(h_RnC, cond_BD)
-    logits_RkV = m.get_logits(h_RkC, cond_BD)
-    V = logits_RkV.shape[-1]
-    if prune.fill == "logits":  # previous scale's raw logits, nearest-upsampled
-        base = _grid_resize(_match_rows(prev["raw"], R), pn, "nearest").to(logits_RkV.dtype)
-    elif prune.fill == "zero":  # placeholder: the sampled tokens there are replaced by the zero code
-        base = logits_RkV.new_zeros(R, n, V)
-    else:
-        raise ValueError(f"unknown pruning fill {prune.fill!r}; use 'cache', 'logits' or 'zero'")
-    return None, base.scatter(1, keep_Rk.unsqueeze(-1).expand(-1, -1, V), logits_RkV)
-
-
-def _zero_fill_tokens(idx_Bl: torch.Tensor, keep_Bk: torch.Tensor, quant: Any) -> torch.Tensor:
-    """Put the code closest to the zero vector (a "no change" residual) at every pruned position."""
-    zero = int(quant.embedding.weight.detach().float().norm(dim=1).argmin())
-    kept = torch.zeros_like(idx_Bl, dtype=torch.bool).scatter_(1, keep_Bk, True)
-    return torch.where(kept, idx_Bl, torch.full_like(idx_Bl, zero))
-
-
-def _shared_guidance(cfg_share: Any, cond_BnV: torch.Tensor, t: float, pn: int, prev: dict[str, Any]) -> torch.Tensor:
-    """Guided logits of a scale whose unconditional branch was not run (see ``CFGShareConfig.mode``)."""
-    if cfg_share.mode == "drop" or "delta" not in prev or t == 0:
-        return cond_BnV
-    delta, p_prev = prev["delta"]
-    if p_prev != pn:
-        delta = _grid_resize(delta, pn, "nearest")
-    return cond_BnV + t * delta.to(cond_BnV.dtype)
+# ----------------------------------------------------------------------------------------------------
+# HMAR: a scale's own code contribution (the mask branch's input)
+# ----------------------------------------------------------------------------------------------------
 
 
 def _scale_contribution(quant: Any, idx_Bl: torch.Tensor, masked_Bl: torch.Tensor | None, si: int,
@@ -821,13 +706,14 @@ class VAR(nn.Module):
         for i, blk in enumerate(blocks if blocks is not None else self.blocks):
             kv = None
             if cache and st.caches is not None:
-                kv = st.caches[i] if full else _HalfCache(st.caches[i], R)
+                kv = st.caches[i] if full else CondRowsCache(st.caches[i], R)
             h = blk(h, cond, None, kv)
         return h
 
     def _prefill(self, st: "_ModelState", inputs: Sequence[torch.Tensor]) -> None:
-        """CoDe refiner: build this model's KV caches from the drafted scales' inputs in one block-causal
-        pass (``inputs[k]`` is the ``B x pn_{k+1}^2 x Cvae`` input of scale ``k + 1``)."""
+        """A model taking over mid-call (a scale hook's ``handover``, e.g. CoDe's refiner): build its KV caches
+        from the earlier scales' inputs in one block-causal pass (``inputs[k]`` is the ``B x pn_{k+1}^2 x Cvae``
+        input of scale ``k + 1``)."""
         if st.caches is None:  # markov: no cache to build
             return
         xs = [self._scale_input(st, 0, None)]
@@ -848,8 +734,8 @@ class VAR(nn.Module):
         generator: torch.Generator | None = None, vae: VQVAE | None = None,
         input_tokens: Sequence[torch.Tensor] | None = None, keep_masks: Sequence[torch.Tensor] | None = None,
         step_callback: Callable[[int, int], None] | None = None,
-        hmar_steps: Mapping[int, int] | None = None, prune: Any = None, cfg_share: Any = None,
-        refiner: "VAR | None" = None, draft_scales: int | None = None, stats: dict | None = None,
+        hmar_steps: Mapping[int, int] | None = None,
+        hooks: ScaleHooks | Sequence[ScaleHooks] | None = None, stats: dict | None = None,
     ) -> VARSample:
         """Generate ``B`` token pyramids scale by scale with a KV cache (none with ``markov``) and linearly
         ramped CFG.
@@ -873,17 +759,10 @@ class VAR(nn.Module):
                 re-masks the ``floor(n_tok * cos(pi/2 * j / n))`` least confident tokens predicted at the
                 previous sub-step (MaskGIT cosine schedule; tokens left unmasked stay fixed) and re-samples
                 them with the mask branch, under the scale's CFG. ``n = 1`` is plain sampling.
-            prune: FastVAR-style token pruning (:class:`fastgen.ar.accel.FastVARConfig`): at the scales it
-                names only the top-ranked tokens run through the transformer; see :func:`prune_scores` and
-                the config's ``fill`` for how the pruned positions are filled.
-            cfg_share: CFG-pair sharing (:class:`fastgen.ar.accel.CFGShareConfig`): at the scales where its
-                ``run_uncond(k, K)`` is False only the conditional rows are run; the unconditional K/V of
-                such a scale are copies of the conditional ones, and the guided logits are the conditional
-                ones (``mode="drop"``) or ``cond + t * delta`` with ``delta`` the last computed
-                ``cond - uncond`` logits, nearest-upsampled to the scale (``mode="reuse"``).
-            refiner, draft_scales: CoDe. This model drafts scales ``0 .. draft_scales - 1``; ``refiner`` (a
-                VAR on the same VQ-VAE, scales and classes) builds its own KV cache from the drafted scales in
-                one block-causal pass and generates the rest.
+            hooks: per-scale hooks (:class:`fastgen.ar.scale_hooks.ScaleHooks`, one or a sequence): which
+                model runs a scale, whether its unconditional rows run, which of its tokens are computed and
+                how the rest are filled, how its logits are guided. The accelerators of
+                :mod:`fastgen.ar.accel` (FastVAR, CoDe, cfg-share) are such hooks. ``None``: plain VAR.
             stats: a dict filled with what ran at every scale (``stats["scales"]``: tokens computed, rows,
                 model, sub-steps), read by ``fastgen.summary``.
 
@@ -897,14 +776,17 @@ class VAR(nn.Module):
         if (input_tokens is None) != (keep_masks is None):
             raise ValueError("input_tokens and keep_masks must be given together")
         K, pns, dev = len(self.patch_nums), self.patch_nums, self.device
-        if refiner is not None:
-            self._check_refiner(refiner, draft_scales)
+        hooks = as_hooks(hooks)
+        hooks.begin(self, vae, B)
+        owners: list[tuple[VAR, bool]] = []  # (model that runs scale k, whether it takes over at k)
+        for si in range(K):
+            nxt = hooks.handover(si)
+            owners.append((nxt, True) if nxt is not None else (owners[-1][0] if owners else self, False))
         hmar_steps = dict(hmar_steps or {})
         for si, n_sub in hmar_steps.items():
-            owner = refiner if (refiner is not None and si >= draft_scales) else self
             if not 0 <= int(si) < K or int(n_sub) < 1:
                 raise ValueError(f"hmar_steps must map scale indices in [0, {K - 1}] to >= 1 sub-steps, got {hmar_steps}")
-            if int(n_sub) > 1 and owner.config.mask_layers is None:
+            if int(n_sub) > 1 and owners[int(si)][0].config.mask_layers is None:
                 raise ValueError("hmar_steps needs an HMAR model with a masked-refinement branch "
                                  "(VARConfig(markov=True, mask_layers=0 or n)); this VAR has none")
         label_B = self._resolve_labels(B, label_B, generator)
@@ -913,52 +795,47 @@ class VAR(nn.Module):
         emb = quant.embedding
         tokens: list[torch.Tensor] = []
         records: list[dict[str, Any]] = []
-        inputs: list[torch.Tensor] = []  # next-scale inputs so far (CoDe prefill)
+        inputs: list[torch.Tensor] = []  # next-scale inputs so far (a new model's KV-cache prefill)
         in_BlCv: torch.Tensor | None = None
         in_BChw: torch.Tensor | None = None
-        prev: dict[str, Any] = {}  # previous scale's hidden states / logits (pruning fill-in, cfg reuse)
         for si, pn in enumerate(pns):
             n = pn * pn
-            if refiner is not None and si == draft_scales:
-                m, st = refiner, refiner._sampling_state(label_B)
-                m._prefill(st, inputs[:si - 1])  # the drafted scales 1 .. si-1 (inputs[-1] is scale si's)
-                prev.pop("h", None)  # hidden states of the drafter mean nothing to the refiner
+            owner, handed_over = owners[si]
+            if handed_over:  # another model takes over: it builds its KV cache from the scales so far
+                m, st = owner, owner._sampling_state(label_B)
+                if si > 0:
+                    m._prefill(st, inputs[:si - 1])  # scales 0 .. si-1 (inputs[-1] is scale si's own input)
             ratio = si / (K - 1)
             t = cfg * ratio
-            uncond = True if cfg_share is None else bool(cfg_share.run_uncond(si, K))
+            step = ScaleStep(si=si, K=K, pn=pn, B=B, t=t, model=m, handed_over=handed_over, in_BChw=in_BChw)
+            hooks.plan(step)
+            uncond, keep_Bk = step.uncond, step.keep_Bk
             R = 2 * B if uncond else B
             x_RnC = m._scale_input(st, si, in_BlCv)
             if not uncond:
                 x_RnC = x_RnC[:B]
             rec: dict[str, Any] = {"scale": si, "pn": pn, "tokens": n, "of": n, "rows": R, "uncond": uncond,
                                    "model": "refiner" if m is not self else "main", "substeps": 1}
-            # FastVAR pruning: only the top-ranked tokens run through the transformer
-            keep_Bk = None
-            if prune is not None and si > 0:
-                keep_Bk = _prune_select(prune, si, K, pns, in_BChw, prev)
-            if keep_Bk is not None:
-                k = keep_Bk.shape[1]
+            if keep_Bk is not None:  # only the kept tokens run through the transformer
+                assert keep_Bk.ndim == 2 and keep_Bk.shape[0] == B, (keep_Bk.shape, B)
                 idx_RkC = keep_Bk.repeat(R // B, 1).unsqueeze(-1).expand(-1, -1, x_RnC.shape[-1])
                 h_RkC = m._run_blocks(st, torch.gather(x_RnC, 1, idx_RkC))
-                rec["tokens"] = k
-                h_RnC, logits_RnV = _prune_fill(prune, m, st, h_RkC, keep_Bk, pn, prev, R)
+                rec["tokens"] = keep_Bk.shape[1]
+                h_RnC, logits_RnV = hooks.full_grid(step, h_RkC, st.cond_BD[:R])
             else:
                 h_RnC = m._run_blocks(st, x_RnC)
                 logits_RnV = m.get_logits(h_RnC, st.cond_BD[:R])
-            if uncond:
+            assert logits_RnV.shape == (R, n, self.V), (tuple(logits_RnV.shape), R, n, self.V)
+            logits_BlV = hooks.on_logits(step, h_RnC, logits_RnV)
+            if logits_BlV is None:
+                if not uncond:
+                    raise ValueError(f"scale {si} ran without its unconditional rows but no scale hook guided it")
                 logits_BlV = (1 + t) * logits_RnV[:B] - t * logits_RnV[B:]
-                if cfg_share is not None:
-                    prev["delta"] = (logits_RnV[:B] - logits_RnV[B:], pn)
-            else:
-                logits_BlV = _shared_guidance(cfg_share, logits_RnV, t, pn, prev)
-            if prune is not None:
-                prev["h"], prev["raw"] = h_RnC, logits_RnV
             logits_BlV = filter_top_k_top_p(logits_BlV, top_k, top_p)
             probs_NV = logits_BlV.softmax(-1).view(-1, self.V)
             idx_Bl = torch.multinomial(probs_NV, 1, replacement=True, generator=generator).view(B, n)
             n_sub = int(hmar_steps.get(si, 1))
-            if keep_Bk is not None and getattr(prune, "fill", None) == "zero":
-                idx_Bl = _zero_fill_tokens(idx_Bl, keep_Bk, quant)
+            idx_Bl = hooks.on_tokens(step, idx_Bl)
             if n_sub > 1:
                 conf_Bl = probs_NV.gather(1, idx_Bl.view(-1, 1)).view(B, n)
                 idx_Bl = m._refine(st, si, x_RnC, idx_Bl, conf_Bl, n_sub, t, top_k, top_p, generator, quant, B)
@@ -990,19 +867,6 @@ class VAR(nn.Module):
             stats["tokens_computed"] = sum(r["tokens"] * r["rows"] for r in records)
             stats["tokens_baseline"] = sum(r["of"] * 2 * B for r in records)
         return VARSample(tokens=tokens, f_hat=f_hat)
-
-    def _check_refiner(self, refiner: "VAR", draft_scales: int | None) -> None:
-        K = len(self.patch_nums)
-        if draft_scales is None or not 0 < int(draft_scales) < K:
-            raise ValueError(f"CoDe needs draft_scales in [1, {K - 1}] (the scales the main model drafts), "
-                             f"got {draft_scales}")
-        mine = (self.patch_nums, self.V, self.Cvae, self.num_classes)
-        theirs = (refiner.patch_nums, refiner.V, refiner.Cvae, refiner.num_classes)
-        if mine != theirs:
-            raise ValueError(f"the CoDe refiner must share patch_nums, vocabulary, Cvae and classes with the drafter: "
-                             f"drafter {mine}, refiner {theirs}")
-        if refiner.device != self.device:
-            raise ValueError(f"the CoDe refiner is on {refiner.device}, the drafter on {self.device}")
 
     def _refine(self, st: "_ModelState", si: int, x_RnC: torch.Tensor, idx_Bl: torch.Tensor, conf_Bl: torch.Tensor,
                 n_sub: int, t: float, top_k: int, top_p: float, generator: torch.Generator | None, quant: Any,
@@ -1049,368 +913,3 @@ class VAR(nn.Module):
         out = self.sample(B, label_B, cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth,
                           generator=generator, vae=vae)
         return vae.fhat_to_img(out.f_hat).add(1).mul(0.5)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Checkpoints
-# ----------------------------------------------------------------------------------------------------
-
-#: Buffers that are recomputed from the config; a checkpoint may omit them.
-DERIVED_BUFFERS = re.compile(
-    r"^(lvl_1L|attn_bias_for_masking|(mask_)?blocks\.\d+\.attn\.zero_k_bias|quantize\.ema_vocab_hit_SV)$")
-
-_PRESETS = {PATCH_NUMS_256: "256 px", PATCH_NUMS_512: "512 px"}
-_PREFIXES = ("module.", "_orig_mod.")
-
-
-def _describe_pn(pns: Sequence[int], downsample: int = 16) -> str:
-    pns = tuple(pns)
-    L = sum(p * p for p in pns)
-    name = _PRESETS.get(pns, f"{pns[-1] * downsample} px")
-    return f"patch_nums {pns} ({len(pns)} scales, L={L}, {name})"
-
-
-def read_checkpoint(src: str | os.PathLike | Mapping[str, Any], kind: str = "var", *,
-                    weights_only: bool = True) -> dict[str, torch.Tensor]:
-    """Load a state dict of ``kind`` ``"var"`` or ``"vae"`` from a ``.pth``/``.pt``/``.safetensors`` file
-    or an in-memory dict, unwrapping the usual containers: the official trainer's
-    ``{"trainer": {"var_wo_ddp": ..., "vae_local": ...}}``, ``{"model": ...}``, ``{"state_dict": ...}``,
-    ``{"var_wo_ddp"|"var"|"vae_local"|"vae": ...}``, and ``module.``/``_orig_mod.`` key prefixes."""
-    if kind not in ("var", "vae"):
-        raise ValueError(f"kind must be 'var' or 'vae', got {kind!r}")
-    if isinstance(src, (str, os.PathLike)):
-        path = Path(src)
-        if not path.is_file():
-            raise FileNotFoundError(f"{kind} checkpoint not found: {path}")
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            obj: Any = load_file(str(path))
-        else:
-            try:
-                obj = torch.load(str(path), map_location="cpu", weights_only=weights_only)
-            except Exception as e:  # unpickling of non-tensor objects refused by weights_only
-                raise CheckpointError(
-                    f"could not read {path} with torch.load(weights_only={weights_only}): {e}. If the file comes "
-                    "from a source you trust (e.g. a trainer checkpoint with pickled arguments), pass "
-                    "weights_only=False.") from e
-        where = str(path)
-    else:
-        obj, where = src, "the given dict"
-    marker = "head.weight" if kind == "var" else "quantize.embedding.weight"
-    nested = (("var_wo_ddp", "var", "model", "state_dict", "module", "ema") if kind == "var"
-              else ("vae_local", "vae", "model", "state_dict", "module"))
-    for _ in range(4):  # unwrap up to a few container levels
-        if not isinstance(obj, Mapping):
-            raise CheckpointError(f"{where}: expected a dict of tensors, got {type(obj).__name__}")
-        keys = {_strip(k) for k in obj}
-        if marker in keys:
-            break
-        if kind == "var" and any(k.startswith(("base_blocks.", "ns_blocks.")) for k in keys):
-            obj = hmar_official_to_fastgen({_strip(k): v for k, v in obj.items()})
-            break
-        if "trainer" in obj and isinstance(obj["trainer"], Mapping):
-            obj = obj["trainer"]
-            continue
-        inner = next((obj[k] for k in nested if isinstance(obj.get(k), Mapping)), None)
-        if inner is None:
-            top = sorted(map(str, obj))[:20]
-            raise CheckpointError(f"{where}: no {kind.upper()} state dict found (looked for {marker!r} at the top "
-                                  f"level and under 'trainer', {', '.join(repr(k) for k in nested)}); "
-                                  f"top-level keys: {top}")
-        obj = inner
-    else:
-        raise CheckpointError(f"{where}: no {kind.upper()} state dict found")
-    sd = {_strip(k): v for k, v in obj.items()}
-    bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise CheckpointError(f"{where}: non-tensor entries in the state dict: {bad[:10]}")
-    return sd
-
-
-#: How the NVlabs HMAR release splits the trunk (``base_blocks`` shared by a next-scale branch ``ns_*`` and a
-#: mask branch ``mask_*``) maps onto fastgen's HMAR layout (``VARConfig(markov=True, mask_layers=n)``):
-#: ``base_blocks.i`` -> ``blocks.i``; ``ns_blocks.j`` -> ``blocks.{n_base + j}``; ``ns_head.*`` -> ``head.*``;
-#: ``ns_head_nm.*`` -> ``head_nm.*``; ``word_embed_bias`` -> ``word_embed.bias``; ``mask_blocks.*``,
-#: ``mask_head.*``, ``mask_head_nm.*`` and ``mask_embed`` keep their names. Written from the key list in
-#: the HMAR paper's code description, not checked against a released file (none is available offline):
-#: anything it does not map is named by the strict loader.
-HMAR_KEY_MAP = (("ns_head_nm.", "head_nm."), ("ns_head.", "head."), ("word_embed_bias", "word_embed.bias"))
-
-
-def hmar_official_to_fastgen(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename an NVlabs-HMAR-layout state dict to fastgen's HMAR layout (see :data:`HMAR_KEY_MAP`)."""
-    n_base = 1 + max((int(m.group(1)) for k in sd if (m := re.match(r"base_blocks\.(\d+)\.", k))), default=-1)
-    out: dict[str, torch.Tensor] = {}
-    for k, v in sd.items():
-        if (m := re.match(r"base_blocks\.(\d+)\.(.*)", k)):
-            k = f"blocks.{m.group(1)}.{m.group(2)}"
-        elif (m := re.match(r"ns_blocks\.(\d+)\.(.*)", k)):
-            k = f"blocks.{n_base + int(m.group(1))}.{m.group(2)}"
-        else:
-            for a, b in HMAR_KEY_MAP:
-                if k.startswith(a):
-                    k = b + k[len(a):]
-                    break
-        out[k] = v
-    if "word_embed.bias" not in out and "word_embed.weight" in out:
-        out["word_embed.bias"] = out["word_embed.weight"].new_zeros(out["word_embed.weight"].shape[0])
-    return out
-
-
-def _strip(key: Any) -> str:
-    key = str(key)
-    changed = True
-    while changed:
-        changed = False
-        for p in _PREFIXES:
-            if key.startswith(p):
-                key, changed = key[len(p):], True
-    return key
-
-
-def infer_var_config(sd: Mapping[str, torch.Tensor], patch_nums: Sequence[int] | None = None,
-                     **overrides: Any) -> VARConfig:
-    """Read the architecture off a VAR state dict: depth (highest ``blocks.N``), width/vocabulary
-    (``head.weight``), ``Cvae`` (``word_embed``), classes (``class_emb`` rows - 1), heads
-    (``scale_mul_1H11``; without it, the official rule heads = depth), MLP ratio, ``shared_aln``,
-    ``attn_l2_norm`` and HMAR mode (``markov``: a ``mask_embed`` tensor or a stored block-diagonal
-    ``attn_bias_for_masking``; ``mask_layers``: the number of ``mask_blocks.N``; an HMAR checkpoint with
-    neither, i.e. a next-scale-only one, reads as VAR: pass ``markov=True`` as an override or a full
-    ``config`` to :func:`load_official`). ``patch_nums`` defaults to the
-    official schedule with the checkpoint's number of positions (256 or 512 px); a given one is checked
-    against ``pos_1LC``/``lvl_embed``."""
-    need = ["head.weight", "word_embed.weight", "class_emb.weight", "pos_1LC", "lvl_embed.weight", "pos_start"]
-    missing = [k for k in need if k not in sd]
-    if missing:
-        raise CheckpointError(f"not a VAR checkpoint: missing {missing}")
-    block_ids = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
-    if not block_ids:
-        raise CheckpointError("not a VAR checkpoint: no 'blocks.N.*' tensors")
-    depth = max(block_ids) + 1
-    V, C = sd["head.weight"].shape
-    L, K, first_l = sd["pos_1LC"].shape[1], sd["lvl_embed.weight"].shape[0], sd["pos_start"].shape[1]
-    attn_l2_norm = "blocks.0.attn.scale_mul_1H11" in sd
-    heads = sd["blocks.0.attn.scale_mul_1H11"].shape[1] if attn_l2_norm else None
-    shared_aln = "shared_ada_lin.1.weight" in sd or "blocks.0.ada_gss" in sd
-    fc1 = sd.get("blocks.0.ffn.fc1.weight")
-    mlp_ratio = fc1.shape[0] / C if fc1 is not None else 4.0
-    if patch_nums is None:
-        cands = [p for p in _PRESETS if sum(x * x for x in p) == L and len(p) == K and p[0] ** 2 == first_l]
-        if not cands:
-            raise CheckpointError(f"checkpoint has {L} positions over {K} scales, which matches no official "
-                                  f"schedule; pass patch_nums explicitly")
-        patch_nums = cands[0]
-    patch_nums = tuple(int(p) for p in patch_nums)
-    exp_L = sum(p * p for p in patch_nums)
-    if (exp_L, len(patch_nums), patch_nums[0] ** 2) != (L, K, first_l):
-        ckpt_pn = next((p for p in _PRESETS if sum(x * x for x in p) == L and len(p) == K), None)
-        has = _describe_pn(ckpt_pn) if ckpt_pn else f"{L} positions over {K} scales"
-        raise CheckpointError(f"wrong resolution: checkpoint has {has}, config expects {_describe_pn(patch_nums)}")
-    # HMAR: a mask token (and maybe a mask branch), or a stored block-diagonal training mask
-    mask_layers = None
-    if "mask_embed" in sd:
-        mask_layers = len({int(m.group(1)) for k in sd if (m := re.match(r"mask_blocks\.(\d+)\.", k))})
-    markov = mask_layers is not None
-    bias = sd.get("attn_bias_for_masking")
-    if bias is not None and tuple(bias.shape[-2:]) == (L, L) and L > first_l:
-        markov = markov or bool(torch.isinf(bias[..., -1, 0]).all())  # last token cannot see the first: HMAR
-    kw = dict(depth=depth, patch_nums=patch_nums, vocab_size=V, Cvae=sd["word_embed.weight"].shape[1],
-              num_classes=sd["class_emb.weight"].shape[0] - 1, embed_dim=C,
-              num_heads=heads if heads is not None else depth, mlp_ratio=mlp_ratio,
-              shared_aln=shared_aln, attn_l2_norm=attn_l2_norm, markov=markov, mask_layers=mask_layers)
-    kw.update(overrides)
-    return VARConfig(**kw)
-
-
-def infer_vqvae_config(sd: Mapping[str, torch.Tensor], patch_nums: Sequence[int] = PATCH_NUMS_256,
-                       **overrides: Any) -> VQVAEConfig:
-    """Read the VQ-VAE architecture off its state dict (width, ``ch_mult``, blocks per level, attention,
-    codebook, phi sharing). ``quant_resi`` and ``norm_groups`` are not stored and default to the release
-    values (0.5, 32) unless overridden."""
-    need = ["quantize.embedding.weight", "encoder.conv_in.weight", "quant_conv.weight"]
-    missing = [k for k in need if k not in sd]
-    if missing:
-        raise CheckpointError(f"not a VAR VQ-VAE checkpoint: missing {missing}")
-    V, Cvae = sd["quantize.embedding.weight"].shape
-    ch, in_ch = sd["encoder.conv_in.weight"].shape[:2]
-    levels = sorted({int(m.group(1)) for k in sd if (m := re.match(r"encoder\.down\.(\d+)\.", k))})
-    ch_mult = tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in levels)
-    nrb = len({int(m.group(1)) for k in sd if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k))})
-    last = levels[-1] if levels else 0
-    if any(k.startswith("quantize.quant_resi.qresi_ls.") for k in sd):
-        share = len({k.split(".")[3] for k in sd if k.startswith("quantize.quant_resi.qresi_ls.")})
-    elif any(k.startswith("quantize.quant_resi.qresi.") for k in sd):
-        share = 1
-    else:
-        share = 0
-    kw: dict[str, Any] = dict(
-        vocab_size=V, z_channels=Cvae, ch=ch, in_channels=in_ch, ch_mult=ch_mult, num_res_blocks=nrb,
-        using_sa=f"encoder.down.{last}.attn.0.qkv.weight" in sd, using_mid_sa="encoder.mid.attn_1.qkv.weight" in sd,
-        quant_conv_ks=sd["quant_conv.weight"].shape[-1], share_quant_resi=share, patch_nums=tuple(patch_nums))
-    if share == 0 and not any(k.startswith("quantize.quant_resi.") for k in sd):
-        kw["quant_resi"] = 0.0
-    kw.update(overrides)
-    groups = kw.get("norm_groups", 32)
-    widths = sorted({ch} | {ch * m for m in ch_mult})
-    if any(w % groups for w in widths):
-        raise CheckpointError(f"the VQ-VAE's conv widths {widths} are not divisible by {groups} GroupNorm groups "
-                              "(the release's value; the number is not stored in the checkpoint): pass "
-                              "vae_config=VQVAEConfig(..., norm_groups=N) with the value it was trained with")
-    return VQVAEConfig(**kw)
-
-
-def _compare_configs(expected: VARConfig, got: VARConfig) -> None:
-    checks = [("depth", expected.depth, got.depth), ("width (embed_dim)", expected.width, got.width),
-              ("heads", expected.heads, got.heads), ("vocab_size", expected.vocab_size, got.vocab_size),
-              ("Cvae", expected.Cvae, got.Cvae), ("num_classes", expected.num_classes, got.num_classes),
-              ("shared_aln", expected.shared_aln, got.shared_aln),
-              ("attn_l2_norm", expected.attn_l2_norm, got.attn_l2_norm),
-              ("mlp_ratio", expected.mlp_ratio, got.mlp_ratio), ("markov (HMAR)", expected.markov, got.markov),
-              ("mask_layers", expected.mask_layers, got.mask_layers)]
-    bad = [f"checkpoint has {n} {g}, config expects {e}" for n, e, g in checks if e != g]
-    if tuple(expected.patch_nums) != tuple(got.patch_nums):
-        bad.append(f"wrong resolution: checkpoint has {_describe_pn(got.patch_nums)}, config expects "
-                   f"{_describe_pn(expected.patch_nums)}")
-    if bad:
-        raise CheckpointError("VAR checkpoint does not match the config: " + "; ".join(bad))
-
-
-def load_state_dict_checked(module: nn.Module, sd: Mapping[str, torch.Tensor], name: str = "model", *,
-                            strict: bool = True, copy: bool = True) -> None:
-    """Load ``sd`` into ``module`` after checking it: missing, unexpected and mis-shaped tensors are
-    listed by name in one :class:`CheckpointError` (``strict=False`` logs them instead and loads the
-    rest). Derived buffers (:data:`DERIVED_BUFFERS`) may be absent or differently shaped. A module built on
-    the meta device adopts the tensors of ``sd`` (copies of them with ``copy``)."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in sd and not DERIVED_BUFFERS.match(k)]
-    unexpected = [k for k in sd if k not in own]
-    shape = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in own
-             if k in sd and tuple(sd[k].shape) != tuple(own[k].shape) and not DERIVED_BUFFERS.match(k)]
-    problems = []
-    if missing:
-        problems.append(f"missing keys ({len(missing)}): {missing}")
-    if unexpected:
-        problems.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
-    if shape:
-        problems.append(f"shape mismatches ({len(shape)}): {shape}")
-    if problems:
-        msg = f"{name} checkpoint does not match the model: " + "; ".join(problems)
-        if strict:
-            raise CheckpointError(msg)
-        logger.warning("%s (loading the matching tensors, strict=False)", msg)
-    load = {k: v for k, v in sd.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
-    on_meta = any(t.is_meta for t in own.values())
-    if on_meta:  # built on the meta device: adopt the checkpoint's tensors (cast to the model's dtype)
-        load = {k: v.to(own[k].dtype, copy=copy) for k, v in load.items()}
-    module.load_state_dict(load, strict=False, assign=on_meta)
-    if on_meta:
-        _materialize_derived(module)
-
-
-def _materialize_derived(module: nn.Module) -> None:
-    # buffers that the checkpoint did not provide are recomputed (they are functions of the config)
-    for mod in module.modules():
-        for name, buf in list(mod._buffers.items()):
-            if buf is None or not buf.is_meta:
-                continue
-            if isinstance(mod, VAR) and name in ("lvl_1L", "attn_bias_for_masking"):
-                lvl_1L, bias = block_causal_buffers(mod.patch_nums, markov=mod.config.markov)
-                mod._buffers[name] = lvl_1L if name == "lvl_1L" else bias
-            elif name in ("zero_k_bias", "ema_vocab_hit_SV"):
-                mod._buffers[name] = torch.zeros(buf.shape, dtype=buf.dtype)
-            else:
-                raise RuntimeError(f"buffer {name!r} of {type(mod).__name__} was not in the checkpoint")
-    left = [n for n, t in module.state_dict().items() if t.is_meta]
-    if left:  # cannot happen after the strict checks; kept as a guard
-        raise CheckpointError(f"tensors not loaded from the checkpoint: {left}")
-
-
-def build_and_load(factory: Callable[[], nn.Module], sd: Mapping[str, torch.Tensor], name: str = "model", *,
-                   strict: bool = True, copy: bool = True) -> nn.Module:
-    """Build ``factory()`` and load ``sd`` into it. With ``strict`` the model is built on the meta device and
-    takes the checkpoint's tensors directly (no random init, no second copy: VAR-d30 loads in seconds);
-    with ``strict=False`` it is built normally so that tensors absent from ``sd`` keep their init. Pass
-    ``copy=False`` when ``sd`` is not used elsewhere (e.g. just read from a file) to share its memory."""
-    if not strict:
-        module = factory()
-        load_state_dict_checked(module, sd, name, strict=False)
-        return module
-    with torch.device("meta"):
-        module = factory()
-    load_state_dict_checked(module, sd, name, strict=True, copy=copy)
-    return module
-
-
-def load_official(
-    vae_ckpt: str | os.PathLike | Mapping[str, Any] | None,
-    var_ckpt: str | os.PathLike | Mapping[str, Any], *,
-    depth: int | None = None, patch_nums: Sequence[int] | None = None, config: VARConfig | None = None,
-    vae_config: VQVAEConfig | None = None, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-    strict: bool = True, weights_only: bool = True,
-) -> tuple[VQVAE, VAR]:
-    """Build and load the official VAR release (or a checkpoint of its trainer).
-
-    Args:
-        vae_ckpt: ``vae_ch160v4096z32.pth`` (or a dict); ``None`` takes the VAE from a trainer checkpoint
-            ``var_ckpt`` that holds ``trainer.vae_local``.
-        var_ckpt: ``var_d{16,20,24,30,36}.pth``, ``ar-ckpt-*.pth`` or a dict.
-        depth: expected depth; a different checkpoint raises "checkpoint has depth X, config expects Y".
-        patch_nums: expected schedule (default: inferred, 256 or 512 px); a mismatch raises
-            "wrong resolution: ...".
-        config: full expected :class:`VARConfig` (every architecture field is compared).
-        vae_config: VQ-VAE config (default: inferred from the tensors with the release's ``quant_resi``).
-        device, dtype: where to put the models.
-        strict: raise on missing/unexpected/mis-shaped tensors (default), else log and load the rest.
-        weights_only: passed to ``torch.load``.
-
-    Returns:
-        ``(vae, var)`` in eval mode, with ``vae`` attached to ``var``.
-    """
-    var_sd = read_checkpoint(var_ckpt, "var", weights_only=weights_only)
-    exp_pn = tuple(config.patch_nums) if config is not None else (tuple(patch_nums) if patch_nums else None)
-    if config is not None and patch_nums is not None and tuple(patch_nums) != exp_pn:
-        raise ValueError(f"patch_nums {tuple(patch_nums)} disagrees with config.patch_nums {exp_pn}")
-    # with an expected schedule, a checkpoint of another length raises "wrong resolution: ..."
-    got = infer_var_config(var_sd, patch_nums=exp_pn)
-    if depth is not None and depth != got.depth:
-        raise CheckpointError(f"checkpoint has depth {got.depth}, config expects depth {depth} "
-                              f"(width {got.width} vs {64 * depth})")
-    if config is not None:
-        _compare_configs(config, got)
-        got = replace(config)
-    if vae_ckpt is None:
-        if isinstance(var_ckpt, Mapping):
-            vae_src: Any = var_ckpt
-        else:
-            vae_src = torch.load(str(var_ckpt), map_location="cpu", weights_only=weights_only)
-        vae_sd = read_checkpoint(vae_src, "vae", weights_only=weights_only)
-    else:
-        vae_sd = read_checkpoint(vae_ckpt, "vae", weights_only=weights_only)
-    vcfg = vae_config or infer_vqvae_config(vae_sd, patch_nums=got.patch_nums)
-    if tuple(vcfg.patch_nums) != tuple(got.patch_nums):
-        vcfg = replace(vcfg, patch_nums=tuple(got.patch_nums))
-    if (vcfg.vocab_size, vcfg.z_channels) != (got.vocab_size, got.Cvae):
-        raise CheckpointError(f"VQ-VAE has vocab {vcfg.vocab_size} and Cvae {vcfg.z_channels}, the VAR checkpoint "
-                              f"expects vocab {got.vocab_size} and Cvae {got.Cvae}")
-    # tensors read from files are adopted without a copy; a caller's in-memory dict is copied
-    vae_copy = isinstance(vae_ckpt, Mapping) or (vae_ckpt is None and isinstance(var_ckpt, Mapping))
-    vae = build_and_load(lambda: VQVAE(vcfg), vae_sd, "VQ-VAE", strict=strict, copy=vae_copy)
-    var = build_and_load(lambda: VAR(got, init=False), var_sd, "VAR", strict=strict,
-                         copy=isinstance(var_ckpt, Mapping))
-    _check_buffers(var, var_sd)
-    vae.eval().requires_grad_(False)
-    var.eval().requires_grad_(False)
-    vae.to(device=device, dtype=dtype)
-    var.to(device=device, dtype=dtype)
-    var.attach_vae(vae)
-    logger.info("loaded VAR-d%d (C=%d, %s) and its VQ-VAE", got.depth, got.width, _describe_pn(got.patch_nums))
-    return vae, var
-
-
-def _check_buffers(var: VAR, sd: Mapping[str, torch.Tensor]) -> None:
-    # the stored scale-index buffer must agree with the schedule (catches same-L, different-K orderings)
-    if "lvl_1L" in sd and tuple(sd["lvl_1L"].shape) == tuple(var.lvl_1L.shape):
-        if not torch.equal(sd["lvl_1L"].to(var.lvl_1L), var.lvl_1L):
-            raise CheckpointError(f"wrong resolution: the checkpoint's scale layout (lvl_1L) differs from "
-                                  f"{_describe_pn(var.patch_nums)}")

@@ -380,7 +380,7 @@ def load_default(name: str = "shapes-mmdit", device: Any = None, dtype: Any = No
 def _load_ar(name: str, folder: Path, device: Any, dtype: Any):
     """A next-scale AR zoo model: a ``VARPipeline.save_pretrained`` folder."""
     from fastgen.ar.pipeline import VARPipeline
-    from fastgen.ar.var import CheckpointError
+    from fastgen.ar.checkpoints import CheckpointError
 
     if not (folder / "model_index.json").exists():
         raise WeightsNotFoundError(
