@@ -38,7 +38,7 @@ from fastgen.utils.logging import get_logger
 
 logger = get_logger(__name__)
 
-__all__ = ["compare", "find_fastest", "PipelineCache", "build_app", "launch", "main", "TARGETS", "MOBILE_MESSAGE",
+__all__ = ["compare", "find_fastest", "PipelineCache", "build_app", "launch", "TARGETS", "MOBILE_MESSAGE",
            "TargetUnavailableError", "is_mobile", "recipe_on_target", "MOBILE_DEFAULT", "model_choices", "recipe_choices", "target_choices", "model_defaults",
            "pareto_plot"]
 

@@ -5,7 +5,9 @@
 * :mod:`distill.consistency`: consistency distillation: LCM (Luo et al. 2023) for epsilon/v UNets,
   continuous-time sCM (Lu & Song 2025) with the training-free flow->TrigFlow conversion of SANA-Sprint
   (Chen et al. 2025) for flow-matching MMDiTs (SD3).
-* :mod:`distill.common`: the shared trainer (atomic checkpoints, exact resume, EMA, LoRA, evaluation).
+* :mod:`distill.trainer`: the shared trainer (atomic checkpoints, exact resume, EMA, LoRA, evaluation);
+  :mod:`distill.schedule`: the teacher families (noise schedules, parametrisations) and the loss;
+  :mod:`distill.cli`: the command-line plumbing of both methods.
 * :mod:`distill.models`: the guidance-conditioned SD3 student class (imported here so that saved
   students load with ``DiffusionPipeline.from_pretrained`` after ``import distill``).
 
@@ -34,7 +36,7 @@ def __getattr__(name: str):
 
         return getattr(consistency, name)
     if name == "load_teacher":
-        from .common import load_teacher
+        from .trainer import load_teacher
 
         return load_teacher
     raise AttributeError(f"module 'distill' has no attribute {name!r}")

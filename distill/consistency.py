@@ -15,7 +15,7 @@ a peft LoRA (``lora_rank``; LCM-LoRA proper also sets ``ema_decay=0``: the targe
 ``time_cond_proj_dim``): its guided prediction is then one call at ``g`` instead of two, and the student
 starts as an exact copy of it, trained w input included, so it starts at the guided quality rather than
 having to pull the guidance in through the one-DDIM-step target
-(:attr:`~distill.common.DistillTrainer.teacher_takes_guidance`). The targets are then that student's ODE;
+(:attr:`~distill.trainer.DistillTrainer.teacher_takes_guidance`). The targets are then that student's ODE;
 ``init_student`` instead starts the student from a guidance-distilled UNet while a CFG teacher keeps making
 the targets.
 Saved with ``LCMScheduler`` (``original_inference_steps = num_ddim_timesteps``)::
@@ -49,7 +49,7 @@ learned adaptive weighting ``logvar`` (:class:`LogVarHead`, kept in the checkpoi
 be guidance-distilled (:class:`~distill.models.GuidanceSD3Transformer2DModel`, as SANA-Sprint distils from a
 guidance-embedded teacher): its velocity at ``g`` is one call instead of two, and the student starts as an
 exact copy that keeps the g input and the teacher's ``default_guidance_scale``
-(:attr:`~distill.common.DistillTrainer.teacher_takes_guidance`).
+(:attr:`~distill.trainer.DistillTrainer.teacher_takes_guidance`).
 
 *Adversarial term* (``adv_weight > 0``; SANA-Sprint's LADD, Sauer et al., arXiv 2403.12015): the frozen
 teacher is the discriminator's feature network. Each step the student also makes one-step outputs
@@ -107,22 +107,10 @@ from fastgen.errors import UnsupportedPipelineError
 from fastgen.utils.commands import CommandParser
 from fastgen.utils.logging import get_logger
 
-from .common import (
-    DistillConfig,
-    DistillTrainer,
-    FlowFamily,
-    UNetFamily,
-    add_common_args,
-    check_fresh_or_resume,
-    config_from_args,
-    family_for,
-    init_student_folder,
-    load_teacher,
-    pseudo_huber,
-    setup_cli_logging,
-    shape_differences,
-)
+from .cli import add_common_args, check_fresh_or_resume, config_from_args, setup_cli_logging
 from .models import GuidanceSD3Transformer2DModel, sd3_with_guidance_input, unet_with_guidance_input
+from .schedule import FlowFamily, UNetFamily, family_for, pseudo_huber
+from .trainer import DistillConfig, DistillTrainer, init_student_folder, load_teacher, shape_differences
 
 __all__ = [
     "LCMConfig", "SCMConfig", "LCMTrainer", "SCMTrainer", "distill_consistency", "lcm_boundary_scalings",
@@ -254,7 +242,7 @@ def choose_mid_t(pipe, zoo_name: str, sigmas=MID_SIGMA_GRID, n: int = 100) -> tu
     ``pipe`` keeps its scheduler. Returns ``(mid_t, rows)`` with one ``{"sigma", "mid_t", "score"}`` row per
     candidate (the first best on a tie)."""
     from fastgen.zoo import shapes
-    from fastgen.zoo.train import evaluate_pipeline
+    from fastgen.zoo.evaluate import evaluate_pipeline
 
     for sigma in sigmas:
         if not 0.0 < sigma < 1.0:
@@ -895,6 +883,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from .common import run_cli
+    from .cli import run_cli
 
     raise SystemExit(run_cli(main))

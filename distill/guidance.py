@@ -9,7 +9,7 @@ Convention: diffusers' ``guidance_scale`` ``g`` (``uncond + g (cond - uncond)``)
 **Stage 1** (:class:`GuidanceTrainer`). Student = the teacher's denoiser plus a zero-initialised guidance
 input (:mod:`distill.models`), so at step 0 it equals the conditional teacher for every ``w``. Per sample
 ``w ~ U[w_min, w_max]``, a time (UNet: integer ``t ~ U{0..T-1}``; flow: ``s`` logit-normal or uniform),
-clean latents ``x_0`` from the teacher's own samples (:class:`~distill.common.TeacherPool`, data-free),
+clean latents ``x_0`` from the teacher's own samples (:class:`~distill.trainer.TeacherPool`, data-free),
 ``x_t`` = the forward process; loss = MSE between the student's output at ``(x_t, t, c, w)`` and the
 teacher's CFG output ``u + (1 + w)(c - u)``, in the model's output space (epsilon / v / flow velocity;
 for these parametrisations CFG is linear, so this is the paper's x-space target with an SNR weighting).
@@ -54,18 +54,10 @@ import torch.nn.functional as F
 from fastgen.utils.commands import CommandParser
 from fastgen.utils.logging import get_logger
 
-from .common import (
-    DistillConfig,
-    DistillTrainer,
-    FlowFamily,
-    UNetFamily,
-    add_common_args,
-    check_fresh_or_resume,
-    config_from_args,
-    load_teacher,
-    setup_cli_logging,
-)
+from .cli import add_common_args, check_fresh_or_resume, config_from_args, setup_cli_logging
 from .models import GuidanceSD3Transformer2DModel, sd3_with_guidance_input, unet_with_guidance_input
+from .schedule import FlowFamily, UNetFamily
+from .trainer import DistillConfig, DistillTrainer, load_teacher
 
 __all__ = ["GuidanceConfig", "GuidanceTrainer", "ProgressiveTrainer", "distill_guidance", "call_kwargs_for",
            "sample_flow_sigmas", "main"]
@@ -405,6 +397,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from .common import run_cli
+    from .cli import run_cli
 
     raise SystemExit(run_cli(main))

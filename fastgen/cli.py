@@ -454,10 +454,10 @@ TRAIN: dict[str, Forward] = {
                                              "scratch on the shapes world, or export a run's weights"),
     "guidance": Forward("fastgen.distill.guidance:main", "guidance distillation (one forward per step instead of "
                                                          "CFG's two), optionally progressive halving of steps",
-                        runner="fastgen.distill.common:run_cli"),
+                        runner="fastgen.distill.cli:run_cli"),
     "consistency": Forward("fastgen.distill.consistency:main", "consistency distillation: LCM (UNets) or sCM "
                                                                "(flow MMDiTs) few-step students",
-                           runner="fastgen.distill.common:run_cli"),
+                           runner="fastgen.distill.cli:run_cli"),
     "qalora": Forward("fastgen.quant.trainer:main", "EfficientDM QALoRA: quantize a denoiser (W4A8, W8A8, ...) and "
                                                     "fine-tune it against its full-precision self",
                       example="fastgen train qalora --model shapes-mmdit --bits w4a8 --out runs/q-w4a8 --steps 400"),

@@ -463,7 +463,7 @@ def _load_model(spec: str, device: torch.device):
 
         return load_default(spec, device=device), dict(call_kwargs(spec)), spec
     if spec.startswith("zoo-init:"):
-        from fastgen.zoo.train import build_pipeline
+        from fastgen.zoo.builders import build_pipeline
 
         name = spec.split(":", 1)[1]
         return build_pipeline(name).to(device), dict(call_kwargs(name)), name
@@ -562,14 +562,14 @@ def main(argv: list[str] | None = None) -> int:
         holdout = capture_calibration(pipe, holdout_prompts, seed=10_000, **capture)
     scores: dict[str, Any] = {}
     if args.eval and zoo_name is not None:
-        from fastgen.zoo.train import evaluate_pipeline
+        from fastgen.zoo.evaluate import evaluate_pipeline
 
         scores["fp"] = evaluate_pipeline(pipe, zoo_name, n=args.eval)
     fc = FinetuneConfig(steps=args.steps, records_per_step=args.records_per_step, lora_lr=args.lora_lr,
                         act_lr=args.act_lr, feature_weight=args.feature_weight, ckpt_every=args.ckpt_every,
                         seed=args.seed)
     if args.eval and zoo_name is not None and not (out / "checkpoint.pt").exists():
-        from fastgen.zoo.train import evaluate_pipeline
+        from fastgen.zoo.evaluate import evaluate_pipeline
 
         calib = capture_calibration(pipe, prompts, **capture)
         out.mkdir(parents=True, exist_ok=True)
@@ -581,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
     tr = finetune_qalora(pipe, config, prompts, out, finetune=fc, holdout=holdout, resume=True,
                          progress=not args.no_progress, capture=capture)
     if args.eval and zoo_name is not None:
-        from fastgen.zoo.train import evaluate_pipeline
+        from fastgen.zoo.evaluate import evaluate_pipeline
 
         scores["qalora"] = evaluate_pipeline(pipe, zoo_name, n=args.eval)
         tr.report["scores"] = {k: {m: v for m, v in s.items() if isinstance(v, (int, float))} for k, s in scores.items()}

@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     from fastgen import zoo
     from fastgen.zoo import evaluate
-    from fastgen.zoo.train import evaluate_pipeline
+    from fastgen.zoo.evaluate import evaluate_pipeline
 
     from ._calibration import zoo_pipeline_and_prompts
 

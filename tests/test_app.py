@@ -122,7 +122,7 @@ def test_class_conditional_prompt(cache):
 
 
 def test_zoo_model_gets_the_evaluator_verdict():
-    from fastgen.zoo.train import build_pipeline
+    from fastgen.zoo.builders import build_pipeline
 
     zoo_cache = A.PipelineCache(loader=lambda m, d: build_pipeline(m, TINY_ZOO[m]))
     r = A.compare("shapes-mmdit", "a red circle", 0, 2, None, "baseline", "steps:1", "CPU", repeats=1, cache=zoo_cache)

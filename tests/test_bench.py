@@ -144,10 +144,10 @@ def test_demo_and_bench_default_to_the_zoo_model_with_evaluator_scores(tmp_path,
     by default, with its default call (collapsed zero tokens) and the evaluator's score on every row."""
     import fastgen.zoo as zoo
     from fastgen import cli
-    from fastgen.zoo import train as T
+    from fastgen.zoo import builders as B
 
-    pipe = T.build_pipeline("shapes-mmdit", dict(hidden=32, layers=1, heads=2, text_hidden=16, text_layers=1))
-    T.save_pipeline(pipe, tmp_path / "w" / "shapes-mmdit", meta={"model": "shapes-mmdit"})
+    pipe = B.build_pipeline("shapes-mmdit", dict(hidden=32, layers=1, heads=2, text_hidden=16, text_layers=1))
+    B.save_pipeline(pipe, tmp_path / "w" / "shapes-mmdit", meta={"model": "shapes-mmdit"})
     monkeypatch.setattr(zoo, "WEIGHTS_DIR", tmp_path / "w")
     assert fastgen.models.default_model() == "shapes-mmdit"
     out = tmp_path / "demo"

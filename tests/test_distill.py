@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from fastgen.distill.common import DistillTrainer, step_generator, student_pipeline
+from fastgen.distill.trainer import DistillTrainer, step_generator, student_pipeline
 from fastgen.distill.consistency import (
     LCMConfig,
     LCMTrainer,
@@ -55,7 +55,7 @@ def _perturb(model: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> None
 
 
 def _zoo(name: str):
-    from fastgen.zoo.train import build_pipeline
+    from fastgen.zoo.builders import build_pipeline
 
     pipe = build_pipeline(name, TINY[name])
     model = pipe.transformer if name == "shapes-mmdit" else pipe.unet
@@ -456,7 +456,7 @@ def test_lcm_from_guidance_distilled_teacher_one_teacher_call_and_keeps_its_w_in
 
 
 def test_lcm_init_student_from_a_guidance_student_keeps_cfg_targets(unet_teacher, tmp_path):
-    from fastgen.zoo.train import save_pipeline
+    from fastgen.zoo.builders import save_pipeline
 
     gd = GuidanceTrainer(unet_teacher, GuidanceConfig(**{**FAST, "steps": 1, "lr": 1e-3}), tmp_path / "gd",
                          zoo_name="shapes-unet")
@@ -609,7 +609,7 @@ def test_scm_student_samples_in_one_and_two_steps(mmdit_teacher, tmp_path):
 
     cfg = SCMConfig(**{**FAST, "steps": 2, "eval_every": 1, "eval_prompts": 3, "eval_steps": 2})
     tr = SCMTrainer(mmdit_teacher, cfg, tmp_path, zoo_name="shapes-mmdit")
-    tr.run()  # evaluates with fastgen.zoo.train.evaluate_pipeline at step 1 and at the end
+    tr.run()  # evaluates with fastgen.zoo.evaluate.evaluate_pipeline at step 1 and at the end
     assert [e["step"] for e in tr.evals] == [1, 2] and tr.evals[-1]["n"] == 3 and tr.evals[-1]["steps"] == 2
     rows = [json.loads(r) for r in (tmp_path / "history.jsonl").read_text().splitlines()]
     assert sum("eval" in r for r in rows) == 2
@@ -916,7 +916,7 @@ def test_cli_guidance_and_scm_on_a_saved_teacher_folder(unet_teacher, mmdit_teac
     from diffusers import DiffusionPipeline
 
     from fastgen.distill import consistency, guidance
-    from fastgen.zoo.train import save_pipeline
+    from fastgen.zoo.builders import save_pipeline
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n\na blue square left of a green triangle\n")
@@ -961,7 +961,7 @@ def test_every_method_runs_on_cuda_in_bf16(tmp_path):
 def test_cli_flags_parse_int_and_float_tuples():
     import argparse
 
-    from fastgen.distill.common import add_common_args, config_from_args
+    from fastgen.distill.cli import add_common_args, config_from_args
 
     ap = argparse.ArgumentParser()
     add_common_args(ap, SCMConfig())

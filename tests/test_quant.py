@@ -27,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 def _pipe(kind):
     if kind in ZOO_TINY:
-        from fastgen.zoo.train import build_pipeline
+        from fastgen.zoo.builders import build_pipeline
 
         pipe = build_pipeline(kind, ZOO_TINY[kind])
         with torch.no_grad(), torch.random.fork_rng(devices=[]):  # untrained adaLN-zero: give it an output

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _pipe():
-    from fastgen.zoo.train import build_pipeline
+    from fastgen.zoo.builders import build_pipeline
     from fastgen.bench.experiments.int8 import _perturb_adaln
 
     pipe = build_pipeline("shapes-mmdit", TINY)

@@ -1,4 +1,5 @@
-"""The zoo's training recipe (fastgen.zoo.train) and loading API (fastgen.zoo), on tiny models.
+"""The zoo's builders (fastgen.zoo.builders), training recipe (fastgen.zoo.train), pipeline evaluation and
+loading API (fastgen.zoo), on tiny models.
 
 Everything here runs in seconds; the real training runs are `@pytest.mark.slow`.
 """
@@ -12,6 +13,8 @@ import pytest
 import torch
 
 import fastgen.zoo as zoo
+from fastgen.zoo import builders as B
+from fastgen.zoo import evaluate as E
 from fastgen.zoo import shapes
 from fastgen.zoo import train as T
 
@@ -49,10 +52,10 @@ def test_list_and_defaults():
 
 
 def test_identity_vae_is_exact():
-    vae = T.identity_vae()
+    vae = B.identity_vae()
     imgs, _ = shapes.sample(8, 12345)
     x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1
-    mean, std = T.pixel_stats()
+    mean, std = B.pixel_stats()
     with torch.no_grad():
         z = vae.encode(x).latent_dist.mode()
         y = vae.decode(z).sample
@@ -62,7 +65,7 @@ def test_identity_vae_is_exact():
 
 
 def test_collapsed_zero_tokens_equal_default_call():
-    pipe = T.build_pipeline("shapes-mmdit", TINY["shapes-mmdit"])
+    pipe = B.build_pipeline("shapes-mmdit", TINY["shapes-mmdit"])
     with torch.no_grad():  # leave adaLN-zero so that the transformer is not trivially the identity
         for p in pipe.transformer.parameters():
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
@@ -70,13 +73,13 @@ def test_collapsed_zero_tokens_equal_default_call():
     prompts = ["a red circle", "two blue squares"]
     with torch.no_grad():
         a = pipe(prompts, generator=torch.Generator().manual_seed(0), **kw).images
-        T._use_collapsed_zeros(pipe.transformer, True)
+        B.set_collapsed_zeros(pipe.transformer, True)
         b = pipe(prompts, generator=torch.Generator().manual_seed(0), max_sequence_length=2, **kw).images
         c = pipe(prompts, generator=torch.Generator().manual_seed(0), max_sequence_length=17, **kw).images
         d = pipe(prompts, generator=torch.Generator().manual_seed(0), **kw).images  # 256 zeros: no bias at all
         with pytest.raises(ValueError, match="max_sequence_length"):
             pipe(prompts, num_inference_steps=1, max_sequence_length=300, output_type="np")
-        T._use_collapsed_zeros(pipe.transformer, False)
+        B.set_collapsed_zeros(pipe.transformer, False)
         pe, ne, pp, npp = pipe.encode_prompt(prompts, prompts, None, do_classifier_free_guidance=True,
                                              max_sequence_length=2)
         e, p = T.encode_sd3(pipe, prompts, zero_tokens=2)
@@ -88,7 +91,7 @@ def test_collapsed_zero_tokens_equal_default_call():
 
 
 def test_sd_encoding_matches_pipeline():
-    pipe = T.build_pipeline("shapes-unet", TINY["shapes-unet"])
+    pipe = B.build_pipeline("shapes-unet", TINY["shapes-unet"])
     with torch.no_grad():
         pe, ne = pipe.encode_prompt(["a red circle"], "cpu", 1, True, None)
         assert torch.equal(pe, T.encode_sd(pipe, ["a red circle"]))
@@ -194,9 +197,9 @@ def test_save_and_reload(model, tmp_path):
     assert np.abs(x - y).max() < 1e-5
 
     # the export loads with a plain from_pretrained; a float16 export loads as float32 through the checked loader
-    out = T.export_pipeline(folder, tmp_path / "shipped")
+    out = B.export_pipeline(folder, tmp_path / "shipped")
     plain = DiffusionPipeline.from_pretrained(out, local_files_only=True)
-    out16 = T.export_pipeline(folder, tmp_path / "shipped16", half=True)
+    out16 = B.export_pipeline(folder, tmp_path / "shipped16", half=True)
     p16 = zoo.load_pipeline(out16)
     assert p16.vae.dtype == torch.float32 and p16.text_encoder.dtype == torch.float32
     with torch.no_grad():
@@ -207,8 +210,8 @@ def test_save_and_reload(model, tmp_path):
 
 
 def test_evaluate_pipeline_runs():
-    pipe = T.build_pipeline("shapes-mmdit", TINY["shapes-mmdit"])
-    res = T.evaluate_pipeline(pipe, "shapes-mmdit", n=3, steps=2, batch=2)
+    pipe = B.build_pipeline("shapes-mmdit", TINY["shapes-mmdit"])
+    res = E.evaluate_pipeline(pipe, "shapes-mmdit", n=3, steps=2, batch=2)
     assert 0.0 <= res["overall"] <= 1.0 and res["n"] == 3 and res["steps"] == 2
 
 
@@ -227,7 +230,7 @@ def test_cli_trains_and_saves(tmp_path):
 @pytest.fixture(scope="module")
 def saved_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("zoo") / "pipe"
-    T.save_pipeline(T.build_pipeline("shapes-mmdit", TINY["shapes-mmdit"]), folder)
+    B.save_pipeline(B.build_pipeline("shapes-mmdit", TINY["shapes-mmdit"]), folder)
     return folder
 
 
@@ -371,7 +374,7 @@ def test_shipped_weights_score(name, floor):
     if not (zoo.weights_path(name) / "model_index.json").exists():
         pytest.skip(f"{name} weights are not shipped yet")
     torch.set_num_threads(1)
-    res = T.evaluate_pipeline(zoo.load_default(name), name, n=200)
+    res = E.evaluate_pipeline(zoo.load_default(name), name, n=200)
     assert res["overall"] >= floor
 
 
@@ -398,8 +401,8 @@ def test_quality_report_rows(tmp_path, monkeypatch):
     """`fastgen experiment zoo-report`: one row per step count plus the real-image ceiling and chance rows."""
     from fastgen.bench.experiments import zoo_report as report
 
-    pipe = T.build_pipeline("shapes-mmdit", TINY["shapes-mmdit"])
-    T.save_pipeline(pipe, tmp_path / "p", meta={"model": "shapes-mmdit"})
+    pipe = B.build_pipeline("shapes-mmdit", TINY["shapes-mmdit"])
+    B.save_pipeline(pipe, tmp_path / "p", meta={"model": "shapes-mmdit"})
     rows = report.quality_table("shapes-mmdit", str(tmp_path / "p"), n=4, steps=(1, 2))
     assert [r["row"] for r in rows][:2] == ["1 steps", "2 steps"] and rows[2]["overall"] == 1.0
     assert "chance" in rows[3]["row"] and all("fd" in r for r in rows[:3])

@@ -48,7 +48,7 @@ class BenchSettings:
         prompts: prompts for the quality pass (class names or ids for class-conditional pipelines).
         seeds: one image per (prompt, seed).
         per_prompt_seeds: the image of prompt ``i`` uses seed ``seed + i`` (the zoo evaluator's convention,
-            ``fastgen.zoo.train.evaluate_pipeline``), so a score averages over many initial noises instead of
+            ``fastgen.zoo.evaluate.evaluate_pipeline``), so a score averages over many initial noises instead of
             reusing one noise for every prompt. ``fastgen bench`` turns it on for zoo models.
         height, width: image size in pixels (None: the pipeline's default).
         guidance_scale: None keeps the pipeline's default.

@@ -45,6 +45,11 @@ How this implementation works and where it differs from the reference code:
   patchify, embedding and unpatchify are per patch) and a hook on its RoPE embedder hands out the active
   tokens with their real positions.
 
+Layout: this module holds the config (:class:`RASConfig`, recipe parsing), the selection rule
+(:func:`select_tokens`), the per-pipeline state machine that plans each denoiser call, install/uninstall and
+the registration; the per-family table, the hooks on the token path and the rewritten FLUX/Lumina2
+attention processors are in :mod:`fastgen.caches.ras_processors`.
+
 Unsupported (raises): UNets (use ``tome``/``deepcache``), fused QKV projections, custom attention
 processors (IP-Adapter), ControlNet residuals and SD3 skip-layer guidance (those calls run dense and are
 counted in ``summary`` as ``off``).
@@ -58,14 +63,28 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import UnsupportedPipelineError
 from ..api import apply_technique, remove_technique
-from ..hooks import HookBase, HookSet, get_state
+from ..hooks import HookSet, get_state
 from ..registry import Technique, register_technique
 from ..utils.logging import get_logger
-from ._tokens import flat_rows, gather_rows, image_to_tokens, scatter_rows, scatter_rows_, tokens_to_image
+from ._tokens import flat_rows, scatter_rows
+from .ras_processors import (
+    FAMILY_SPECS,
+    STOCK_PROCESSORS,
+    FluxProcessor,
+    GatherHook,
+    KVHook,
+    LuminaProcessor,
+    LuminaRopeHook,
+    RASHook,
+    SanaBlockHook,
+    SanaDepthwiseHook,
+    ScatterHook,
+    image_attentions,
+    lumina_forward,
+)
 
 logger = get_logger(__name__)
 
@@ -316,27 +335,8 @@ def select_tokens(score_GN: torch.Tensor, k: int, rule: str = "high", high_fract
 
 
 # --------------------------------------------------------------------------------------------------
-# Per-family wiring
+# The state machine: per-pipeline runtime, per-call slots, the plan of one denoiser call
 # --------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class _Family:
-    gather: str | None  # module (attribute of the denoiser) whose output tokens are gathered
-    scatter: str | None  # module whose output tokens are scattered back (None: done in the denoiser hook)
-    channels_first: bool  # output token features ordered (C, p, p) (FLUX packing) instead of (p, p, C)
-    off_kwargs: tuple[str, ...]  # denoiser kwargs that, when set, make RAS sit the call out (dense)
-    cfg_batched: bool  # the family's pipelines batch [uncond, cond] in one call when guidance > 1
-
-
-_SPECS = {
-    "sd3": _Family("pos_embed", "proj_out", False, ("block_controlnet_hidden_states", "skip_layers"), True),
-    "pixart": _Family("pos_embed", "proj_out", False, ("attention_mask",), True),
-    "dit": _Family("pos_embed", "proj_out_2", False, (), True),
-    "sana": _Family("patch_embed", "proj_out", False, ("attention_mask", "controlnet_block_samples"), True),
-    "flux": _Family("x_embedder", "proj_out", True, ("controlnet_block_samples", "controlnet_single_block_samples"), False),
-    "lumina2": _Family(None, None, False, (), False),
-}
-
 
 @dataclass
 class _Slot:
@@ -372,7 +372,7 @@ class _Runtime:
     def __init__(self, pipe, family: str, config: RASConfig):
         self.pipe = pipe
         self.family = family
-        self.spec = _SPECS[family]
+        self.spec = FAMILY_SPECS[family]
         self.config = config
         self.model = get_state(pipe).adapter.denoiser(pipe)
         self.p = 1 if family == "flux" else int(getattr(self.model.config, "patch_size", 1) or 1)
@@ -543,17 +543,7 @@ class _Runtime:
         return full
 
 
-# --------------------------------------------------------------------------------------------------
-# Hooks (diffusers ModelHook protocol)
-# --------------------------------------------------------------------------------------------------
-
-class _Hook(HookBase):
-    def __init__(self, rt: _Runtime):
-        self.rt = rt
-        self.fn_ref = None
-
-
-class _DenoiserHook(_Hook):
+class _DenoiserHook(RASHook):
     """Decides the call's mode; for Lumina2 also feeds the active tokens as a strip and scatters the output."""
 
     def new_forward(self, module, *args, **kwargs):
@@ -563,7 +553,7 @@ class _DenoiserHook(_Hook):
         ok = False
         try:
             if ctx is not None and rt.family == "lumina2":
-                out = _lumina_forward(rt, ctx, self.fn_ref.original_forward, args, kwargs)
+                out = lumina_forward(rt, ctx, self.fn_ref.original_forward, args, kwargs)
             else:
                 out = self.fn_ref.original_forward(*args, **kwargs)
             ok = True
@@ -573,333 +563,20 @@ class _DenoiserHook(_Hook):
             rt.end(ctx, ok)
 
 
-class _GatherHook(_Hook):
-    """After the patch/position embedding: keep only the active tokens."""
-
-    def post_forward(self, module, output):
-        ctx = self.rt.ctx
-        if ctx is None or ctx.mode != "sparse":
-            return output
-        _expect(output, ctx.b, ctx.n, "the patch embedding")
-        return gather_rows(output, ctx.rows, ctx.k)
-
-
-class _ScatterHook(_Hook):
-    """After the output projection: put the active tokens back among the cached ones."""
-
-    def post_forward(self, module, output):
-        ctx = self.rt.ctx
-        if ctx is None:
-            return output
-        _expect(output, ctx.b, ctx.k, "the output projection")
-        return self.rt.take_output(ctx, output)
-
-
-class _KVHook(_Hook):
-    """On a self-attention's ``to_k``/``to_v``: cache K/V of all image tokens, refresh the active ones."""
-
-    def new_forward(self, module, x):
-        out = self.fn_ref.original_forward(x)
-        ctx = self.rt.ctx
-        if ctx is None:
-            return out
-        if ctx.mode == "dense":
-            _expect(out, ctx.b, ctx.n, "a cached K/V projection")
-            ctx.slot.kv[id(self)] = out
-            return out
-        buf = ctx.slot.kv[id(self)]
-        return scatter_rows_(buf, ctx.rows, out)
-
-
-class _SanaBlockHook(_Hook):
-    """Sana blocks reshape tokens to the (h, w) grid for their conv FFN: at sparse steps make it (1, k)."""
-
-    def pre_forward(self, module, *args, **kwargs):
-        ctx = self.rt.ctx
-        if ctx is None or ctx.mode != "sparse":
-            return args, kwargs
-        if len(args) >= 7:
-            args = args[:5] + (1, ctx.k) + args[7:]
-        else:
-            kwargs = {**kwargs, "height": 1, "width": ctx.k}
-        return args, kwargs
-
-
-class _SanaDepthwiseHook(_Hook):
-    """GLUMBConv's 3x3 depthwise conv at sparse steps: the active tokens' inputs are written into the cached
-    input grid (inactive neighbours keep their last values) and the conv's outputs at the active positions
-    are returned. The depthwise conv itself is run on the whole grid (channels-last): it is ~1% of the
-    block's FLOPs and oneDNN's full conv is cheaper than a gathered 3x3 stencil."""
-
-    def new_forward(self, module, x):
-        ctx = self.rt.ctx
-        if ctx is None:
-            return self.fn_ref.original_forward(x)
-        c = x.shape[1]
-        if ctx.mode == "dense":
-            ctx.slot.kv[id(self)] = x.permute(0, 2, 3, 1).contiguous()  # [B, h, w, C] rows
-            return self.fn_ref.original_forward(x)
-        grid = ctx.slot.kv[id(self)]
-        rows = grid.view(-1, c)
-        rows.index_copy_(0, ctx.rows, x[:, :, 0, :].transpose(1, 2).reshape(-1, c))
-        out = self.fn_ref.original_forward(grid.permute(0, 3, 1, 2))  # NCHW shape, channels-last memory
-        out = out.permute(0, 2, 3, 1).reshape(-1, c).index_select(0, ctx.rows)  # [B*k, C]
-        return out.view(ctx.b, ctx.k, c).transpose(1, 2).unsqueeze(2)
-
-
-def _expect(t: torch.Tensor, b: int, n: int, where: str) -> None:
-    if t.shape[0] != b or t.shape[1] != n:
-        raise RuntimeError(
-            f"RAS: {where} returned shape {tuple(t.shape)}, expected ({b}, {n}, ...); this denoiser does not "
-            "follow the layout RAS was built for; remove RAS (fastgen.remove(pipe, 'ras'))"
-        )
-
-
-# --------------------------------------------------------------------------------------------------
-# FLUX: attention processor with RoPE on the active tokens
-# --------------------------------------------------------------------------------------------------
-
-def _rope_real(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """diffusers' ``apply_rotary_emb(use_real=True, unbind_dim=-1)`` for ``x [B, S, H, D]`` and per-sample ``cos/sin [B, S, D]``."""
-    x_real, x_imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
-    x_rot = torch.stack([-x_imag, x_real], dim=-1).flatten(3)
-    return (x.float() * cos[:, :, None, :] + x_rot.float() * sin[:, :, None, :]).to(x.dtype)
-
-
-class _FluxProcessor:
-    """FluxAttnProcessor with K/V recovery: Q/K/V for text + active image tokens, attention over all."""
-
-    def __init__(self, rt: _Runtime, original):
-        self.rt = rt
-        self.original = original
-        self._attention_backend = getattr(original, "_attention_backend", None)
-        self._parallel_config = getattr(original, "_parallel_config", None)
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
-        from diffusers.models.embeddings import apply_rotary_emb
-        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
-
-        ctx = self.rt.ctx
-        if ctx is None or attention_mask is not None or image_rotary_emb is None:
-            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        query, key, value, enc_q, enc_k, enc_v = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
-        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
-        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
-        value = value.unflatten(-1, (-1, attn.head_dim))
-        if attn.added_kv_proj_dim is not None:
-            enc_q = attn.norm_added_q(enc_q.unflatten(-1, (-1, attn.head_dim)))
-            enc_k = attn.norm_added_k(enc_k.unflatten(-1, (-1, attn.head_dim)))
-            enc_v = enc_v.unflatten(-1, (-1, attn.head_dim))
-            query = torch.cat([enc_q, query], dim=1)
-            key = torch.cat([enc_k, key], dim=1)
-            value = torch.cat([enc_v, value], dim=1)
-        s = query.shape[1]
-        if ctx.mode == "dense":
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-            ctx.slot.kv[id(self)] = (key, value)
-            k_all, v_all = key, value
-        else:
-            t = s - ctx.k  # text tokens come first
-            cos, sin, rows = _flux_sparse(ctx, image_rotary_emb, t)
-            query = _rope_real(query, cos, sin)
-            key = _rope_real(key, cos, sin)
-            k_all, v_all = ctx.slot.kv[id(self)]
-            scatter_rows_(k_all, rows, key)
-            scatter_rows_(v_all, rows, value)
-        out = dispatch_attention_fn(query, k_all, v_all, attn_mask=None, backend=self._attention_backend,
-                                    parallel_config=self._parallel_config)
-        out = out.flatten(2, 3).to(query.dtype)
-        if encoder_hidden_states is not None:
-            t = encoder_hidden_states.shape[1]
-            enc_out, out = out.split_with_sizes([t, out.shape[1] - t], dim=1)
-            out = attn.to_out[1](attn.to_out[0](out.contiguous()))
-            enc_out = attn.to_add_out(enc_out.contiguous())
-            return out, enc_out
-        return out
-
-
-def _flux_sparse(ctx: _Ctx, rotary, t: int):
-    """Per-sample RoPE tables ``[B, t+k, D]`` and cache rows for the text + active image tokens (memoised)."""
-    key = ("flux", t)
-    if key not in ctx.memo:
-        cos, sin = rotary  # [t + N, D]
-        b, n = ctx.b, ctx.n
-        img = ctx.idx + t  # [B, k]
-        pos = torch.cat([torch.arange(t, device=img.device).expand(b, t), img], dim=1)  # [B, t+k]
-        cos_s, sin_s = cos.to(img.device)[pos], sin.to(img.device)[pos]
-        ctx.memo[key] = (cos_s, sin_s, flat_rows(pos, t + n))
-    return ctx.memo[key]
-
-
-# --------------------------------------------------------------------------------------------------
-# Lumina2: strip input, RoPE positions and the attention processor
-# --------------------------------------------------------------------------------------------------
-
-def _lumina_forward(rt: _Runtime, ctx: _Ctx, forward, args: tuple, kwargs: dict):
-    x = args[0] if args else kwargs["hidden_states"]
-    p, (h, w) = rt.p, ctx.grid
-    if ctx.mode == "sparse":
-        active = gather_rows(image_to_tokens(x, p), ctx.rows, ctx.k)
-        ctx.memo["lumina_tokens"] = active  # what the rope embedder hands out instead of patchifying the strip
-        strip = tokens_to_image(active, 1, ctx.k, p)
-        if args:
-            args = (strip,) + tuple(args[1:])
-        else:
-            kwargs = {**kwargs, "hidden_states": strip}
-    out = forward(*args, **kwargs)
-    sample = out[0] if isinstance(out, tuple) else out.sample
-    full = rt.take_output(ctx, image_to_tokens(sample, p))
-    if ctx.mode == "dense":
-        return out
-    image = tokens_to_image(full, h, w, p)
-    if isinstance(out, tuple):
-        return (image,) + tuple(out[1:])
-    out.sample = image
-    return out
-
-
-class _LuminaRopeHook(_Hook):
-    """Dense: remember the full-grid RoPE tables. Sparse: skip the embedder (the strip's own positions would
-    be wrong, and out of the tables' range for long strips) and hand out the active tokens with their real
-    positions: patchified tokens, caption/image/joint RoPE tables and sequence lengths (caption + k)."""
-
-    def new_forward(self, module, hidden_states, attention_mask):
-        ctx = self.rt.ctx
-        if ctx is None or ctx.mode == "dense":
-            out = self.fn_ref.original_forward(hidden_states, attention_mask)
-            if ctx is not None:
-                ctx.slot.extra["rope"] = out[1:]
-            return out
-        cap_freqs, img_full, freqs_full, cap_lens, seq_full = ctx.slot.extra["rope"]
-        if attention_mask.sum(dim=1).tolist() != list(cap_lens):
-            raise RuntimeError("RAS: the caption lengths changed between steps of one call; remove RAS for this pipeline")
-        k, n, b = ctx.k, ctx.n, ctx.b
-        img_s = gather_rows(img_full, ctx.rows, k)
-        ls, lf = max(cap_lens) + k, max(seq_full)
-        freqs_s = freqs_full.new_zeros(b, ls, freqs_full.shape[-1])
-        pos = torch.empty(b, ls, dtype=torch.long, device=ctx.idx.device)
-        for i, c in enumerate(cap_lens):
-            freqs_s[i, :c] = freqs_full[i, :c]
-            freqs_s[i, c:c + k] = img_s[i]
-            pos[i, :c] = torch.arange(c, device=pos.device)
-            pos[i, c:c + k] = ctx.idx[i] + c
-            pos[i, c + k:] = torch.arange(c + n, lf, device=pos.device)  # padding rows map to padding rows
-        ctx.memo["lumina_joint"] = (flat_rows(pos, lf), lf)
-        if len(set(seq_full)) > 1:
-            ctx.memo["lumina_mask"] = torch.arange(lf, device=pos.device)[None, :] < torch.tensor(seq_full, device=pos.device)[:, None]
-        return ctx.memo["lumina_tokens"], cap_freqs, img_s, freqs_s, list(cap_lens), [c + k for c in cap_lens]
-
-
-class _LuminaProcessor:
-    """Lumina2AttnProcessor2_0 with K/V recovery. ``role``: ``"image"`` (noise refiner) or ``"joint"`` (main layers)."""
-
-    def __init__(self, rt: _Runtime, original, role: str):
-        self.rt = rt
-        self.original = original
-        self.role = role
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None,
-                 base_sequence_length=None):
-        from diffusers.models.embeddings import apply_rotary_emb
-
-        ctx = self.rt.ctx
-        if ctx is None or encoder_hidden_states is not hidden_states or image_rotary_emb is None:
-            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb,
-                                 base_sequence_length)
-        batch_size, sequence_length, _ = hidden_states.shape
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-        head_dim = query.shape[-1] // attn.heads
-        dtype = query.dtype
-        kv_heads = key.shape[-1] // head_dim
-        query = query.view(batch_size, -1, attn.heads, head_dim)
-        key = key.view(batch_size, -1, kv_heads, head_dim)
-        value = value.view(batch_size, -1, kv_heads, head_dim)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        query = apply_rotary_emb(query, image_rotary_emb, use_real=False)
-        key = apply_rotary_emb(key, image_rotary_emb, use_real=False)
-        query, key = query.to(dtype), key.to(dtype)
-        if ctx.mode == "dense":
-            ctx.slot.kv[id(self)] = (key, value)
-            mask = attention_mask
-            length = sequence_length
-        else:
-            k_all, v_all = ctx.slot.kv[id(self)]
-            if self.role == "image":
-                rows, mask, length = ctx.rows, None, ctx.n
-            else:
-                (rows, length), mask = ctx.memo["lumina_joint"], ctx.memo.get("lumina_mask")
-            key, value = scatter_rows_(k_all, rows, key), scatter_rows_(v_all, rows, value)
-        if base_sequence_length is not None:
-            softmax_scale = math.sqrt(math.log(length, base_sequence_length)) * attn.scale
-        else:
-            softmax_scale = attn.scale
-        n_rep = attn.heads // kv_heads
-        if n_rep >= 1:
-            key = key.unsqueeze(3).repeat(1, 1, 1, n_rep, 1).flatten(2, 3)
-            value = value.unsqueeze(3).repeat(1, 1, 1, n_rep, 1).flatten(2, 3)
-        if mask is not None:
-            mask = mask.bool().view(batch_size, 1, 1, -1)
-        out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                                             attn_mask=mask, scale=softmax_scale)
-        out = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).type_as(query)
-        return attn.to_out[1](attn.to_out[0](out))
-
-
 # --------------------------------------------------------------------------------------------------
 # apply / remove
 # --------------------------------------------------------------------------------------------------
-
-_STOCK_PROCESSORS = {
-    # fastgen.zoo's CollapsedZerosJointAttnProcessor (the shapes-mmdit fast evaluation) works the same way
-    "sd3": ("JointAttnProcessor2_0", "AttnProcessor2_0", "CollapsedZerosJointAttnProcessor"),
-    "pixart": ("AttnProcessor2_0",),
-    "dit": ("AttnProcessor2_0",),
-    "sana": ("SanaLinearAttnProcessor2_0",),
-    "flux": ("FluxAttnProcessor",),
-    "lumina2": ("Lumina2AttnProcessor2_0",),
-}
-
-
-def _image_attentions(family: str, model) -> list[tuple[str, Any, str]]:
-    """``(name, attention module, role)`` of every attention whose keys are the image tokens."""
-    out = []
-    if family in ("sd3",):
-        for i, blk in enumerate(model.transformer_blocks):
-            out.append((f"transformer_blocks.{i}.attn", blk.attn, "linear"))
-            if getattr(blk, "attn2", None) is not None:
-                out.append((f"transformer_blocks.{i}.attn2", blk.attn2, "linear"))
-    elif family in ("pixart", "dit", "sana"):
-        for i, blk in enumerate(model.transformer_blocks):
-            out.append((f"transformer_blocks.{i}.attn1", blk.attn1, "linear"))
-    elif family == "flux":
-        for attr in ("transformer_blocks", "single_transformer_blocks"):
-            for i, blk in enumerate(getattr(model, attr)):
-                out.append((f"{attr}.{i}.attn", blk.attn, "flux"))
-    elif family == "lumina2":
-        for i, blk in enumerate(model.noise_refiner):
-            out.append((f"noise_refiner.{i}.attn", blk.attn, "image"))
-        for i, blk in enumerate(model.layers):
-            out.append((f"layers.{i}.attn", blk.attn, "joint"))
-    return out
-
 
 def _check(pipe, adapter, config: RASConfig) -> None:
     family = adapter.family
     model = adapter.denoiser(pipe)
     st = get_state(pipe)
-    for name, attn, _ in _image_attentions(family, model):
+    for name, attn, _ in image_attentions(family, model):
         proc = type(attn.processor).__name__
-        if proc not in _STOCK_PROCESSORS[family] and not (st is not None and _NAME in st.applied):
+        if proc not in STOCK_PROCESSORS[family] and not (st is not None and _NAME in st.applied):
             raise UnsupportedPipelineError(
                 f"RAS: {type(model).__name__}.{name} uses attention processor {proc}; RAS supports "
-                f"{', '.join(_STOCK_PROCESSORS[family])} there (reset with model.set_default_attn_processor())"
+                f"{', '.join(STOCK_PROCESSORS[family])} there (reset with model.set_default_attn_processor())"
             )
         if getattr(attn, "fused_projections", False) or getattr(attn, "to_qkv", None) is not None:
             raise UnsupportedPipelineError(
@@ -916,24 +593,24 @@ def _install(pipe, st, config: RASConfig) -> dict:
         hook = saved["hooks"].add
         spec = rt.spec
         if spec.gather is not None:
-            hook(getattr(model, spec.gather), _GatherHook(rt), "fastgen_ras_gather")
+            hook(getattr(model, spec.gather), GatherHook(rt), "fastgen_ras_gather")
         if spec.scatter is not None:
-            hook(getattr(model, spec.scatter), _ScatterHook(rt), "fastgen_ras_scatter")
-        for name, attn, role in _image_attentions(family, model):
+            hook(getattr(model, spec.scatter), ScatterHook(rt), "fastgen_ras_scatter")
+        for name, attn, role in image_attentions(family, model):
             if role == "linear":
-                hook(attn.to_k, _KVHook(rt), "fastgen_ras_kv")
-                hook(attn.to_v, _KVHook(rt), "fastgen_ras_kv")
+                hook(attn.to_k, KVHook(rt), "fastgen_ras_kv")
+                hook(attn.to_v, KVHook(rt), "fastgen_ras_kv")
             else:
                 old = attn.processor
-                new = _FluxProcessor(rt, old) if role == "flux" else _LuminaProcessor(rt, old, role)
+                new = FluxProcessor(rt, old) if role == "flux" else LuminaProcessor(rt, old, role)
                 attn.set_processor(new)
                 saved["processors"].append((attn, old))
         if family == "sana":
             for blk in model.transformer_blocks:
-                hook(blk, _SanaBlockHook(rt), "fastgen_ras_grid")
-                hook(blk.ff.conv_depth, _SanaDepthwiseHook(rt), "fastgen_ras_dwconv")
+                hook(blk, SanaBlockHook(rt), "fastgen_ras_grid")
+                hook(blk.ff.conv_depth, SanaDepthwiseHook(rt), "fastgen_ras_dwconv")
         if family == "lumina2":
-            hook(model.rope_embedder, _LuminaRopeHook(rt), "fastgen_ras_rope")
+            hook(model.rope_embedder, LuminaRopeHook(rt), "fastgen_ras_rope")
         den = _DenoiserHook(rt)
         hook(model, den, "fastgen_ras")  # after the others: the step counter stays outermost
         _repair_new_forward(model, den, "fastgen_ras")

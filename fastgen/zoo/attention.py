@@ -1,7 +1,7 @@
 """Exact fast attention for the zoo's SD3 pipeline: many identical all-zero "T5" tokens collapsed into few.
 
 ``StableDiffusion3Pipeline`` appends ``max_sequence_length`` (default 256) all-zero "T5" tokens to the 16
-CLIP tokens when there is no T5 encoder (``shapes-mmdit`` ships the exact-zero stub :func:`fastgen.zoo.train.zero_t5`).
+CLIP tokens when there is no T5 encoder (``shapes-mmdit`` ships the exact-zero stub :func:`fastgen.zoo.builders.zero_t5`).
 Those tokens are identical at the input (the context embedder maps each to its bias) and stay identical
 through every block (same input, same per-token maps), so in the joint attention they are ``n``
 copies of one key/value. Attending to ``m`` copies whose logits are raised by ``log(n / m)`` gives the

@@ -43,6 +43,10 @@ Limits (documented, by design):
 * Backgrounds must be fairly neutral (a strong colour cast raises the foreground threshold) and
   textures with chroma > ~45 become objects. The evaluator cannot tell an image is "ugly": blotchy but
   correctly coloured, shaped and placed blobs pass. Use :func:`frechet_distance` for realism.
+
+:func:`evaluate_pipeline` runs a zoo text-to-image pipeline on held-out prompts at fixed seeds and scores the
+images with :func:`score` (the periodic evaluation of the zoo, distillation and QALoRA trainers). The module
+imports only numpy and scipy; torch and diffusers are imported when a pipeline is evaluated.
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ from scipy import linalg, ndimage
 from fastgen.zoo import shapes as _shapes
 
 __all__ = ["to_uint8_images", "detect", "score_one", "score", "frechet_distance", "features",
-           "chance_baseline", "FEATURE_SPACE"]
+           "chance_baseline", "FEATURE_SPACE", "evaluate_pipeline"]
 
 _CHROMA_MIN = 45.0
 _CHROMA_OVER_BORDER = 30.0
@@ -379,3 +383,69 @@ def chance_baseline(n: int = 200, seed: int = _shapes.EVAL_SEED, size: int = 32)
     perm = rng.permutation(n)
     perm = np.roll(perm, 1)[np.argsort(perm)] if n > 1 else perm  # a derangement: perm[i] != i
     return score([prompts[j] for j in perm], images)
+
+
+# --------------------------------------------------------------------------------------------------
+# Scoring a pipeline on held-out prompts
+# --------------------------------------------------------------------------------------------------
+
+#: Zero tokens the fast evaluation call keeps (max_sequence_length; the tokenizer pads every prompt to 2).
+_EVAL_ZERO_TOKENS = 2
+
+
+def evaluate_pipeline(pipe, name: str, n: int = 100, seed: int = _shapes.EVAL_SEED, steps: int | None = None,
+                      guidance: float | None = None, batch: int = 100, fast: bool = True,
+                      return_images: bool = False) -> dict[str, Any]:
+    """Score ``pipe`` on ``n`` held-out prompts (``shapes.sample_prompts(n, seed)``).
+
+    Image ``i`` uses ``torch.Generator().manual_seed(i)``, so results do not depend on ``batch``.
+    ``fast=True`` (SD3 only) runs the mathematically identical collapsed-zero-token call
+    (:class:`~fastgen.zoo.attention.CollapsedZerosJointAttnProcessor`); the pipeline's own attention
+    processors are restored after.
+
+    Returns:
+        :func:`score`'s dict plus ``steps``, ``guidance``, ``seconds``
+        (and ``images``, a uint8 array, with ``return_images``).
+    """
+    import time
+
+    import torch
+
+    from fastgen.utils.logging import quiet_diffusers
+    from fastgen.zoo import AR_MODELS, DEFAULTS, extra_call_kwargs
+    from fastgen.zoo.builders import set_collapsed_zeros
+
+    if name not in DEFAULTS or name in AR_MODELS:
+        raise ValueError(f"evaluate_pipeline: {name!r} is not a shapes-world zoo model")
+    d = DEFAULTS[name]  # a student (e.g. shapes-mmdit-gd) is scored with its own default call
+    steps = int(steps or d["num_inference_steps"])
+    guidance = float(d["guidance_scale"] if guidance is None else guidance)
+    prompts = _shapes.sample_prompts(n, seed)
+    is_sd3 = hasattr(pipe, "transformer") and pipe.transformer is not None
+    extra: dict[str, Any] = {}
+    sigmas = extra_call_kwargs(name, steps).get("sigmas")  # e.g. the sCM student's 2-step grid, at its step count
+    if sigmas is not None:
+        extra["sigmas"] = list(sigmas)
+    saved_procs = pipe.transformer.attn_processors if is_sd3 else None
+    if is_sd3 and fast:
+        set_collapsed_zeros(pipe.transformer, True)
+        extra["max_sequence_length"] = _EVAL_ZERO_TOKENS
+    t0 = time.time()
+    images = []
+    try:
+        with torch.no_grad(), quiet_diffusers():
+            for i in range(0, n, batch):
+                ps = prompts[i:i + batch]
+                gens = [torch.Generator().manual_seed(j) for j in range(i, i + len(ps))]
+                out = pipe(ps, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
+                           height=d["height"], width=d["width"], output_type="np", **extra).images
+                images.append(np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8))
+    finally:
+        if is_sd3 and fast:
+            pipe.transformer.set_attn_processor(saved_procs)
+    imgs = np.concatenate(images)
+    res: dict[str, Any] = dict(score(prompts, imgs))
+    res.update(steps=steps, guidance=guidance, seconds=round(time.time() - t0, 1))
+    if return_images:
+        res["images"] = imgs
+    return res

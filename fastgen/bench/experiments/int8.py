@@ -55,7 +55,7 @@ def build(name: str) -> tuple[Any, dict[str, Any], str]:
         if (zoo.weights_path(name) / "model_index.json").exists():
             pipe, what = zoo.load_default(name), f"{name} (trained weights)"
         else:
-            from fastgen.zoo.train import build_pipeline
+            from fastgen.zoo.builders import build_pipeline
 
             pipe, what = build_pipeline(name), f"{name} (untrained architecture, random adaLN)"
             _perturb_adaln(pipe.transformer if hasattr(pipe, "transformer") else pipe.unet)

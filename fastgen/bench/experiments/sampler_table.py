@@ -36,7 +36,7 @@ logger = get_logger(__name__)
 def _run(pipe, name: str, n: int, steps: int, recipe: str | None) -> tuple[dict[str, Any], np.ndarray]:
     import fastgen
     from fastgen.hooks import attach, detach_if_empty, get_state
-    from fastgen.zoo.train import evaluate_pipeline
+    from fastgen.zoo.evaluate import evaluate_pipeline
 
     if recipe:
         fastgen.accelerate(pipe, recipe)
@@ -60,7 +60,7 @@ def sampler_table(name: str, steps: tuple[int, ...] = (4, 6, 8, 12), reference: 
     from fastgen.bench.metrics import psnr, ssim
     from fastgen.errors import FastgenError
     from fastgen.zoo import evaluate, shapes
-    from fastgen.zoo.train import evaluate_pipeline
+    from fastgen.zoo.evaluate import evaluate_pipeline
 
     pipe = zoo.load_pipeline(path) if path else zoo.load_default(name)
     real, _ = shapes.sample(n, shapes.EVAL_SEED, zoo.DEFAULTS[name]["height"])

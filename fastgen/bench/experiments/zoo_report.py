@@ -33,7 +33,7 @@ def quality_table(name: str, path: str | None = None, n: int = 200, steps: tuple
     """Rows of the table (see the module docstring). ``path``: a pipeline folder (default: the shipped one)."""
     from fastgen import zoo
     from fastgen.zoo import evaluate, shapes
-    from fastgen.zoo.train import evaluate_pipeline
+    from fastgen.zoo.evaluate import evaluate_pipeline
 
     pipe = zoo.load_pipeline(path) if path else zoo.load_default(name)
     prompts = shapes.sample_prompts(n, shapes.EVAL_SEED)

@@ -1,24 +1,24 @@
-"""What every distillation trainer of :mod:`distill` shares.
+"""The trainer machinery every distillation method of :mod:`fastgen.distill` builds on.
 
 * :class:`DistillConfig`: the run's settings (optimiser, EMA, precision, LoRA, checkpoint/eval cadence,
   the teacher-sample pool); the method configs extend it.
-* Teacher families (:func:`family_for`): how to encode prompts, call a denoiser, and convert its output,
-  for ``StableDiffusionPipeline``/``StableDiffusionXLPipeline`` (epsilon or v UNets on a DDPM schedule)
-  and ``StableDiffusion3Pipeline`` (rectified-flow MMDiT, ``x_s = (1 - s) x_0 + s eps``, ``v = eps - x_0``).
-  Any other pipeline class raises :class:`~fastgen.errors.UnsupportedPipelineError` naming it.
 * :class:`TeacherPool`: the **data-free** training states. Distillation needs clean latents ``x_0`` to
   noise; here they are the teacher's own CFG samples (``pipe(prompts, output_type="latent")``) for
   prompts drawn from :func:`fastgen.zoo.shapes.sample_prompts` (zoo teachers) or a prompts file. Pool
   ``k`` (``pool_size`` samples, used for ``pool_refresh`` steps) depends only on ``(seed, k)``, so it is
   regenerated, not stored, on resume.
 * :class:`DistillTrainer`: the loop. One optimisation step's random draws depend only on
-  ``(seed, step)`` (a fresh ``torch.Generator``), so a run killed and ``--resume``\\ d reproduces the
-  uninterrupted loss curve exactly; checkpoints are written atomically (temp file + ``os.replace``);
-  EMA of the trainable weights; optional LoRA through peft (:func:`add_lora`); mixed precision through
-  ``torch.autocast``; gradient checkpointing through diffusers' ``enable_gradient_checkpointing``;
-  periodic evaluation (``fastgen.zoo.train.evaluate_pipeline`` for zoo teachers, or any callable);
-  ``tqdm`` progress.
+  ``(seed, step)`` (a fresh ``torch.Generator``, :func:`step_generator`), so a run killed and ``--resume``\\ d
+  reproduces the uninterrupted loss curve exactly; checkpoints are written atomically (temp file +
+  ``os.replace``); EMA of the trainable weights; optional LoRA through peft (:func:`add_lora`); mixed
+  precision through ``torch.autocast``; gradient checkpointing through diffusers'
+  ``enable_gradient_checkpointing``; periodic evaluation (:func:`fastgen.zoo.evaluate.evaluate_pipeline` for
+  zoo teachers, or any callable); ``tqdm`` progress; export of the student as a pipeline of the teacher's
+  class (:func:`student_pipeline`).
 * :func:`load_teacher`: a zoo name (``shapes-mmdit``, ``shapes-unet``) or a local diffusers folder.
+
+The teacher families (schedules, parametrisations) are in :mod:`fastgen.distill.schedule`; the command-line
+plumbing in :mod:`fastgen.distill.cli`.
 """
 
 from __future__ import annotations
@@ -27,29 +27,24 @@ import copy
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import torch
-import torch.nn.functional as F
 
-from fastgen.errors import UnsupportedPipelineError
 from fastgen.utils.io import Resumable, check_same_config
-from fastgen.utils.logging import get_logger, log_to_stderr_with_time, quiet_diffusers
+from fastgen.utils.logging import get_logger, quiet_diffusers
 
-from .models import GuidanceSD3Transformer2DModel, guidance_embedding, has_guidance_input
+from .models import GuidanceSD3Transformer2DModel, has_guidance_input
+from .schedule import Family, UNetFamily, family_for
 
 __all__ = [
-    "DistillConfig", "Family", "UNetFamily", "FlowFamily", "family_for", "TeacherPool", "DistillTrainer",
-    "load_teacher", "read_prompts", "add_lora", "student_pipeline", "step_generator", "pseudo_huber",
-    "add_common_args", "config_from_args", "SUPPORTED_PIPELINES",
+    "DistillConfig", "TeacherPool", "DistillTrainer", "load_teacher", "read_prompts", "add_lora", "has_lora",
+    "fused_copy", "init_student_folder", "shape_differences", "student_pipeline", "step_generator", "LORA_TARGETS",
 ]
 
 logger = get_logger(__name__)
-
-#: Pipeline classes the trainers accept (UNet families: epsilon/v; SD3: flow matching).
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline")
 
 #: LoRA target modules per denoiser family (diffusers module names; matched as name suffixes by peft).
 LORA_TARGETS = {
@@ -150,187 +145,6 @@ def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(step)) * 7 + int(stream))
 
 
-def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float = 0.001) -> torch.Tensor:
-    """``mean(sqrt((a - b)^2 + c^2) - c)`` (elementwise pseudo-Huber, the LCM/iCT loss); ``c <= 0``: MSE."""
-    if c <= 0:
-        return F.mse_loss(a.float(), b.float())
-    d = a.float() - b.float()
-    return (torch.sqrt(d * d + c * c) - c).mean()
-
-
-# --------------------------------------------------------------------------------------------------
-# Teacher families
-# --------------------------------------------------------------------------------------------------
-
-
-def _cat(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: torch.cat([a[k], b[k]]) for k in a}
-
-
-def _index(c: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {k: v[idx.to(v.device)] for k, v in c.items()}
-
-
-class Family:
-    """How to drive one pipeline family's denoiser. Conditions are dicts of batch-first tensors."""
-
-    #: "unet" or "transformer": the pipeline attribute holding the denoiser.
-    model_attr: ClassVar[str]
-    #: True for flow-matching (velocity) models.
-    is_flow: ClassVar[bool]
-
-    def __init__(self, pipe, max_sequence_length: int | None = None):
-        self.pipe = pipe
-        self.max_sequence_length = max_sequence_length
-
-    @property
-    def model(self) -> torch.nn.Module:
-        return getattr(self.pipe, self.model_attr)
-
-    def describe(self) -> str:
-        return f"{type(self.pipe).__name__} ({type(self.model).__name__})"
-
-    def encode(self, prompts: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """(cond, uncond) exactly as the pipeline builds them for CFG (no gradient)."""
-        raise NotImplementedError
-
-    def call_extra(self) -> dict[str, Any]:
-        """Extra keyword arguments of a pipeline call (e.g. SD3 ``max_sequence_length``)."""
-        return {}
-
-    def predict(self, model, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor],
-                guidance: torch.Tensor | None = None) -> torch.Tensor:
-        """The raw model output at ``x``, time ``t`` (UNet: integer timesteps; flow: sigma in [0, 1]).
-        ``guidance`` (diffusers ``g`` per sample) is fed to students with a guidance input."""
-        raise NotImplementedError
-
-    def cfg_predict(self, model, x, t, cond, uncond, g: torch.Tensor) -> torch.Tensor:
-        """CFG output ``uncond + g (cond - uncond)`` in one batched call (``g`` per sample)."""
-        both = self.predict(model, torch.cat([x, x]), torch.cat([t, t]), _cat(uncond, cond))
-        u, c = both.chunk(2)
-        return u + g.view(-1, *([1] * (x.ndim - 1))).to(u.dtype) * (c - u)
-
-
-class UNetFamily(Family):
-    """SD / SDXL UNets on the DDPM schedule of the pipeline's scheduler (epsilon or v prediction)."""
-
-    model_attr = "unet"
-    is_flow = False
-
-    def __init__(self, pipe, max_sequence_length: int | None = None):
-        super().__init__(pipe, max_sequence_length)
-        from diffusers import DDPMScheduler, StableDiffusionXLPipeline
-
-        self.sdxl = isinstance(pipe, StableDiffusionXLPipeline)
-        cfg = pipe.scheduler.config
-        self.prediction_type = cfg.get("prediction_type", "epsilon")
-        if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise UnsupportedPipelineError(
-                f"{self.describe()} predicts {self.prediction_type!r}; distill supports epsilon and v_prediction UNets")
-        self.num_train_timesteps = int(cfg.get("num_train_timesteps", 1000))
-        ddpm = DDPMScheduler.from_config(cfg)
-        self.alphas_cumprod = ddpm.alphas_cumprod.double()
-
-    def ab(self, t: torch.Tensor) -> torch.Tensor:
-        """``alpha_bar`` at integer timesteps ``t`` (``t < 0``: 1, the clean end)."""
-        t = t.long().cpu()
-        out = torch.where(t >= 0, self.alphas_cumprod[t.clamp(min=0)], torch.ones((), dtype=torch.float64))
-        return out.float()
-
-    def encode(self, prompts):
-        p = self.pipe
-        dev = self.model.device
-        with torch.no_grad():
-            if self.sdxl:
-                pe, npe, pooled, npooled = p.encode_prompt(prompts, device=dev, num_images_per_prompt=1,
-                                                           do_classifier_free_guidance=True)
-                te2 = p.text_encoder_2
-                proj = int(pooled.shape[-1]) if te2 is None else te2.config.projection_dim
-                h, w = self._hw()
-                ids = p._get_add_time_ids((h, w), (0, 0), (h, w), dtype=pe.dtype,
-                                          text_encoder_projection_dim=proj).to(dev).repeat(len(prompts), 1)
-                return ({"ctx": pe, "text_embeds": pooled, "time_ids": ids},
-                        {"ctx": npe, "text_embeds": npooled, "time_ids": ids.clone()})
-            pe, npe = p.encode_prompt(prompts, dev, 1, True)
-            return {"ctx": pe}, {"ctx": npe}
-
-    def _hw(self) -> tuple[int, int]:
-        s = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
-        return getattr(self, "hw", (s, s))
-
-    def predict(self, model, x, t, cond, guidance=None):
-        kw: dict[str, Any] = {}
-        if guidance is not None:
-            dim = model.config.time_cond_proj_dim
-            assert dim is not None, "guidance given to a UNet without time_cond_proj_dim"
-            kw["timestep_cond"] = guidance_embedding(guidance.float() - 1.0, dim).to(x.device, x.dtype)
-        if "text_embeds" in cond:
-            kw["added_cond_kwargs"] = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}
-        return model(x, t.to(x.device), encoder_hidden_states=cond["ctx"], return_dict=False, **kw)[0]
-
-    def x0_eps(self, pred: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x0, eps) from a model output at integer timesteps ``t``."""
-        ab = self.ab(t).to(x.device).view(-1, 1, 1, 1)
-        a, s = ab.sqrt(), (1 - ab).sqrt()
-        if self.prediction_type == "epsilon":
-            return (x - s * pred) / a, pred
-        return a * x - s * pred, s * x + a * pred  # v-prediction
-
-    def pred_from_x0_eps(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The model output that corresponds to ``(x0, eps)`` at ``t``."""
-        if self.prediction_type == "epsilon":
-            return eps
-        ab = self.ab(t).to(x0.device).view(-1, 1, 1, 1)
-        return ab.sqrt() * eps - (1 - ab).sqrt() * x0
-
-
-class FlowFamily(Family):
-    """``StableDiffusion3Pipeline`` (rectified flow; the transformer takes ``timestep = sigma * 1000``)."""
-
-    model_attr = "transformer"
-    is_flow = True
-
-    def __init__(self, pipe, max_sequence_length: int | None = None):
-        super().__init__(pipe, max_sequence_length)
-        self.num_train_timesteps = int(pipe.scheduler.config.get("num_train_timesteps", 1000))
-
-    def call_extra(self):
-        return {} if self.max_sequence_length is None else {"max_sequence_length": int(self.max_sequence_length)}
-
-    def encode(self, prompts):
-        with torch.no_grad():
-            pe, npe, pooled, npooled = self.pipe.encode_prompt(
-                prompts, None, None, device=self.model.device, num_images_per_prompt=1,
-                do_classifier_free_guidance=True, **self.call_extra())
-        return {"ctx": pe, "pooled": pooled}, {"ctx": npe, "pooled": npooled}
-
-    def predict(self, model, x, t, cond, guidance=None):
-        kw: dict[str, Any] = {}
-        if guidance is not None:
-            assert isinstance(model, GuidanceSD3Transformer2DModel), "guidance given to a model without input for it"
-            kw["guidance"] = guidance
-        elif isinstance(model, GuidanceSD3Transformer2DModel):
-            kw["guidance"] = 1.0  # a guidance student used as a plain conditional model
-        ts = (t.to(x.device, torch.float32) * self.num_train_timesteps)
-        return model(x, encoder_hidden_states=cond["ctx"], pooled_projections=cond["pooled"], timestep=ts,
-                     return_dict=False, **kw)[0]
-
-
-def family_for(pipe, max_sequence_length: int | None = None) -> Family:
-    """The :class:`Family` of ``pipe``; :class:`UnsupportedPipelineError` names any other class."""
-    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    if isinstance(pipe, StableDiffusion3Pipeline):
-        return FlowFamily(pipe, max_sequence_length)
-    if isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
-        return UNetFamily(pipe, max_sequence_length)
-    model = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
-    raise UnsupportedPipelineError(
-        f"distill does not support {type(pipe).__name__} ({type(model).__name__ if model is not None else 'no denoiser'}): "
-        f"supported pipeline classes are {', '.join(SUPPORTED_PIPELINES)}. For other models use the training-free "
-        "few-step samplers (`samplers.set_sampler(pipe, 'dpm++2m', steps=8)`) or the caches in fastgen.")
-
-
 # --------------------------------------------------------------------------------------------------
 # Teachers, prompts and the data-free pool
 # --------------------------------------------------------------------------------------------------
@@ -359,6 +173,10 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
     if not prompts:
         raise ValueError(f"prompts file {path} has no prompts")
     return prompts
+
+
+def _index(c: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {k: v[idx.to(v.device)] for k, v in c.items()}
 
 
 class TeacherPool:
@@ -764,7 +582,7 @@ class DistillTrainer(Resumable):
         """Save the student pipeline (safetensors, atomically) to ``path`` (default ``OUT/pipeline``),
         plus ``OUT/lora`` (the LoRA alone, loadable on the teacher with ``load_lora_weights``) when the
         student is a LoRA that adds no layer."""
-        from fastgen.zoo.train import save_pipeline
+        from fastgen.zoo.builders import save_pipeline
 
         path = Path(path) if path is not None else self.out / "pipeline"
         pipe = pipe if pipe is not None else self.export_pipeline()
@@ -793,7 +611,7 @@ class DistillTrainer(Resumable):
         if self.eval_fn is not None:
             res = dict(self.eval_fn(pipe))
         elif self.zoo_name is not None and self.cfg.eval_prompts > 0:
-            from fastgen.zoo.train import evaluate_pipeline
+            from fastgen.zoo.evaluate import evaluate_pipeline
 
             steps, guidance = self.eval_settings()
             # evaluate a sibling pipeline (same modules, own scheduler) so that evaluation-only settings
@@ -870,108 +688,3 @@ def _jsonable(d: Any) -> Any:
     if isinstance(d, (list, tuple)):
         return [_jsonable(v) for v in d]
     return d
-
-
-# --------------------------------------------------------------------------------------------------
-# CLI helpers
-# --------------------------------------------------------------------------------------------------
-
-
-def add_common_args(ap, defaults: DistillConfig) -> None:
-    """Add ``--teacher``, ``--output``, ``--resume`` and one flag per :class:`DistillConfig` field."""
-    ap.add_argument("--teacher", required=True,
-                    help="zoo name (shapes-mmdit, shapes-unet) or a local diffusers pipeline folder")
-    ap.add_argument("--output", "--out", dest="output", required=True,
-                    help="run folder: checkpoint.pt, history.jsonl, pipeline/ (the student), lora/")
-    ap.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    ap.add_argument("--prompts", dest="prompts_file", default=None, help="training prompts file (one per line)")
-    docs = field_docs(type(defaults))
-    choices = {"mixed_precision": ("no", "bf16", "fp16"), "t_sampling": ("uniform", "logit-normal")}
-    for f in fields(defaults):
-        if f.name in ("prompts_file",):
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        helptext = (docs.get(f.name, "").replace("%", "%%") + " (default: %(default)s)").strip()
-        if isinstance(default, bool):
-            ap.add_argument(flag, dest=f.name, action=argparse_bool(), default=default, help=helptext)
-        elif isinstance(default, tuple) and "tuple[int" in str(f.type):
-            ap.add_argument(flag, dest=f.name, type=int, nargs="*", default=default, help=helptext)
-        elif isinstance(default, tuple):
-            ap.add_argument(flag, dest=f.name, type=float, nargs=len(default), default=default, help=helptext)
-        else:
-            typ = _field_type(f, default)
-            ap.add_argument(flag, dest=f.name, type=typ, default=default, help=helptext,
-                            choices=choices.get(f.name))
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """The attribute docstrings (a string literal right after a field) of a dataclass and its bases."""
-    import ast
-    import inspect
-    import textwrap
-
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        if klass is object:
-            continue
-        try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
-        except (OSError, TypeError, SyntaxError):
-            continue
-        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
-        for a, b in zip(body, body[1:]):
-            if (isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr)
-                    and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str)):
-                docs[a.target.id] = " ".join(b.value.value.split())
-    return docs
-
-
-def argparse_bool():
-    import argparse
-
-    return argparse.BooleanOptionalAction
-
-
-def _field_type(f, default):
-    if default is not None:
-        return type(default)
-    ann = str(f.type)
-    if "int" in ann:
-        return int
-    if "float" in ann:
-        return float
-    return str
-
-
-def config_from_args(cls: type, args) -> DistillConfig:
-    kw = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
-    for k, v in kw.items():
-        if isinstance(v, list):
-            kw[k] = tuple(v)
-    return cls(**kw)
-
-
-def setup_cli_logging(threads: int | None) -> None:
-    log_to_stderr_with_time()
-    if threads:
-        torch.set_num_threads(int(threads))
-
-
-def check_fresh_or_resume(out: str | os.PathLike, resume: bool) -> None:
-    if not resume and (Path(out) / "checkpoint.pt").exists():
-        raise SystemExit(f"{out}/checkpoint.pt exists: pass --resume to continue it or choose another --output")
-
-
-def run_cli(main: Callable[[], int]) -> int:
-    """Run a CLI ``main``; a bad teacher, setting or checkpoint is reported in one line (exit status 2)."""
-    import sys
-
-    from fastgen.errors import FastgenError
-
-    try:
-        return main()
-    except (FastgenError, ValueError, FileNotFoundError, NotImplementedError, FloatingPointError) as e:
-        print(f"distill: error: {e}", file=sys.stderr)
-        return 2
