@@ -459,8 +459,7 @@ TRAIN: dict[str, Forward] = {
                                                                "(flow MMDiTs) few-step students",
                            runner="fastgen.distill.cli:run_cli"),
     "qalora": Forward("fastgen.quant.trainer:main", "EfficientDM QALoRA: quantize a denoiser (W4A8, W8A8, ...) and "
-                                                    "fine-tune it against its full-precision self",
-                      example="fastgen train qalora --model shapes-mmdit --bits w4a8 --out runs/q-w4a8 --steps 400"),
+                                                    "fine-tune it against its full-precision self"),
     "var": Forward("fastgen.ar.train:main", "train a next-scale AR model: the VQ-VAE (vae), the VAR (var), or "
                                             "export a run (export)"),
 }

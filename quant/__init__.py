@@ -6,13 +6,13 @@
 * :func:`capture_calibration` / :func:`calibrate`: data-free calibration from the FP pipeline's own
   trajectories (prompts only).
 * :func:`finetune_qalora` / :class:`QALoRATrainer`: the EfficientDM distillation fine-tune (LoRA + step
-  sizes only); CLI ``python -m fastgen.quant.qalora``.
+  sizes only); CLI ``fastgen train qalora``.
 * :func:`apply_ptq` / :class:`PTQConfig`: the plain PTQ baseline; :func:`quantize`: one call (recipe use).
 * :func:`merge`, :func:`save`, :func:`load`: integer weights + scales + per-timestep activation tables in
   safetensors.
 * :func:`to_int8` / :func:`remove_int8`: **real int8 kernels** (``torch._int_mm`` or torchao) for the
   denoiser's Linear layers, dynamic or static with the learned per-timestep scales, ``torch.compile``'d
-  (:mod:`quant.deploy`; speed: ``python -m fastgen.quant.bench_int8``).
+  (:mod:`quant.deploy`; speed: ``fastgen experiment int8``).
 * :func:`export_executorch` / :func:`export_onnx`: mobile export (XNNPACK ``.pte`` with 8-bit dynamic
   activations and 8/4-bit weights; ONNX QDQ int8 and ``.ort``), run back and compared (:mod:`quant.export`).
 

@@ -41,6 +41,7 @@ import torch.nn as nn
 from fastgen.errors import FastgenError, RecipeError, require_extra
 from fastgen.api import apply_technique, handle_of, remove_technique
 from fastgen.hooks import HookBase, add_hook, remove_hook
+from fastgen.adapters import DIFFUSION_FAMILIES
 from fastgen.registry import Technique, register_technique
 from fastgen.utils.logging import get_logger
 
@@ -305,6 +306,7 @@ def _summary(pipe, handle: tuple) -> dict:
 
 
 register_technique(Technique(
+    families=DIFFUSION_FAMILIES,  # a diffusers denoiser; a next-scale AR model (var) is not one
     name=_NAME, config_cls=ExecuTorchConfig, parse=_parse, install=_install, uninstall=_uninstall, check=_check,
     to_string=lambda c: c.to_string(), summary=_summary,
     help="the mobile target: the denoiser runs as an ExecuTorch XNNPACK program (8-bit dynamic activations with "

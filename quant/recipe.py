@@ -10,7 +10,7 @@
   :data:`CALIBRATION_PROMPTS` default prompts (:func:`calibration_prompts`: generic text-to-image prompts for
   your pipeline, the shapes world only for a zoo model), at :data:`CALIBRATION_STEPS` steps, before any timing) and applies
   plain PTQ with the config's bits (LoRA at zero). For the fine-tuned model run
-  ``python -m fastgen.quant.qalora`` and load its file with :func:`quant.load`.
+  ``fastgen train qalora`` and load its file with :func:`quant.load`.
 
 Everything is fake quantization in float (accuracy, not speed); ``fastgen.remove`` restores the
 pipeline bit-exactly.
@@ -25,6 +25,7 @@ from __future__ import annotations
 from pathlib import Path
 from fastgen.api import apply_technique, remove_technique
 from fastgen.prompts import is_class_conditional, resolve_prompts
+from fastgen.adapters import DIFFUSION_FAMILIES
 from fastgen.registry import Technique, register_technique
 
 from .deploy import Int8Config
@@ -93,6 +94,7 @@ def calibration_prompts(pipe, prompts) -> list | None:
 
 
 register_technique(Technique(
+    families=DIFFUSION_FAMILIES,  # a diffusers denoiser; a next-scale AR model (var) is not one
     name=_NAME, config_cls=QALoRAConfig, parse=QALoRAConfig.from_string, install=_install_qalora,
     uninstall=_uninstall_qalora, to_string=lambda c: f"{_NAME}:{c.to_string()}",
     summary=lambda pipe, handle: qalora_summary(pipe),
@@ -164,6 +166,7 @@ def _int8_summary(pipe, own: bool):
 
 
 register_technique(Technique(
+    families=DIFFUSION_FAMILIES,  # a diffusers denoiser; a next-scale AR model (var) is not one
     name=_INT8, config_cls=Int8Config, parse=Int8Config.from_string, install=_install_int8,
     uninstall=_uninstall_int8, to_string=lambda c: f"{_INT8}:{c.to_string()}", summary=_int8_summary,
     help="real int8 kernels for the denoiser's Linear layers (torch._int_mm / torchao; dynamic per-token or "

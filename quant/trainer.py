@@ -24,13 +24,12 @@ curve exactly.
 
 CLI (works under ``accelerate launch -m fastgen.quant.qalora`` too, single process)::
 
-    python -m fastgen.quant.qalora --model shapes-mmdit --bits w4a8 --out runs/q-w4a8 --steps 400
-    python -m fastgen.quant.qalora --model path/to/diffusers_folder --bits w8a8 --out DIR --prompt-file prompts.txt
+    fastgen train qalora --model shapes-mmdit --bits w4a8 --out runs/q-w4a8 --steps 400
+    fastgen train qalora --model path/to/diffusers_folder --bits w8a8 --out DIR --prompt-file prompts.txt
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -486,8 +485,13 @@ def _load_model(spec: str, device: torch.device):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m fastgen.quant.qalora --model M --bits w4a8 --out DIR [...]`` (see ``--help``)."""
-    ap = argparse.ArgumentParser(prog="python -m fastgen.quant.qalora",
+    """``fastgen train qalora --model M --bits w4a8 --out DIR [...]`` (see ``--help``)."""
+    from fastgen.utils.commands import CommandParser
+
+    ap = CommandParser(prog="fastgen train qalora",
+                                 example="fastgen train qalora --model shapes-mmdit --bits w4a8 --out runs/q-w4a8 --steps 400\n"
+                                         "fastgen train qalora --model path/to/diffusers_folder --bits w8a8 --out DIR "
+                                         "--prompt-file prompts.txt",
                                  description="EfficientDM QALoRA: quantize a diffusers pipeline's denoiser and "
                                              "fine-tune it by distilling its FP self (data-free, prompts only).")
     ap.add_argument("--model", required=True, help="shapes-mmdit | shapes-unet | zoo-init:NAME | tiny:KIND | FOLDER")

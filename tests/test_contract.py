@@ -21,6 +21,7 @@ import torch
 import fastgen
 from fastgen.api import apply_technique
 from fastgen.errors import FastgenError, MissingExtraError, UnsupportedPipelineError
+from fastgen.ar import VARPipeline
 from fastgen.testing import KINDS, default_call_kwargs, tiny_pipeline
 
 # Configs where the technique's example would be a no-op on tiny random-weight pipelines (few tokens)
@@ -37,9 +38,9 @@ RECIPES = {
 ZOO = {"gd": {"sd3": "shapes-mmdit"}, "code": {"var": "digits-var"}, "schedule": {"sd3": "shapes-mmdit"}}
 # Extras a technique needs (skipped with the reason when absent).
 EXTRAS = {"executorch": "executorch", "tomesd": "tomesd", "anchor-deepcache": "DeepCache", "anchor-cachedit": "cache_dit"}
-# The diffusion families (tiny pipelines). The VAR family's techniques keep their own tests in test_ar_accel.py
-# for now (its call takes class labels, not default_call_kwargs); adding it here is open work.
-FAMILIES = tuple(KINDS)
+# The diffusion families (tiny pipelines) and the next-scale AR family (the shipped digits-var: a VAR call takes
+# class labels and has no step count, so "another step count" is another label there).
+FAMILIES = tuple(KINDS) + ("var",)
 # Cases the tiny pipeline cannot host (the technique refuses it with a clear error, checked here too).
 TOO_SMALL = {("blockcache", "sana"): "must leave at least one block"}
 
@@ -66,7 +67,11 @@ def _pipe(name: str, family: str, seed: int = 0):
     return tiny_pipeline(family, seed=seed)
 
 
-def _call(pipe, steps: int):
+def _call(pipe, steps: int | None):
+    if isinstance(pipe, VARPipeline):  # steps None: the contract call; otherwise another call (label = steps)
+        label = 3 if steps is None else steps
+        return np.asarray(pipe(class_labels=[label], generator=torch.Generator().manual_seed(0), output_type="np").images,
+                          dtype=np.float32)
     kw = default_call_kwargs(pipe, steps=steps)
     if "prompt" in kw and "height" in kw:
         kw.update(height=32, width=32)
@@ -88,7 +93,7 @@ def _acted(pipe, name, out, base) -> bool:
 
 def _unsupported_family(tech):
     for fam in FAMILIES:
-        if tech.families is not None and fam not in tech.families and fam != "var":
+        if tech.families is not None and fam not in tech.families:
             return fam
     return None
 
@@ -124,12 +129,11 @@ def test_technique_contract(name, family):
     if not tech.help.startswith("anchor:"):  # anchors are other projects' code, run as published
         assert _acted(pipe, name, out, base), f"{name} on {family}: no per-call record and the output is unchanged"
     assert fastgen.accelerate(pipe, cfg) is pipe  # the same config again: safe
-    if family != "var":
-        _call(pipe, 3)  # another step count
-        assert fastgen.summary(pipe)["last_call"] is not None
+    _call(pipe, 3 if family != "var" else 7)  # another step count (VAR: another label)
+    assert fastgen.summary(pipe)["last_call"] is not None
 
     # a second pipeline of the same class is not affected
-    if family != "var" and name not in ZOO:
+    if name not in ZOO:
         other = _pipe(name, family)
         other_base = _call(other, steps)
         _call(pipe, steps)
@@ -145,11 +149,11 @@ def test_technique_contract(name, family):
 def test_unsupported_family_is_a_clear_error_and_leaves_the_pipeline_untouched(name):
     tech = fastgen.registry.get_technique(name)
     fam = _unsupported_family(tech)
-    pipe = tiny_pipeline(fam)
-    scheduler = pipe.scheduler
+    pipe = _pipe("", fam)
+    scheduler = getattr(pipe, "scheduler", None)
     with pytest.raises((UnsupportedPipelineError, FastgenError), match=f"{name} does not support"):
         fastgen.accelerate(pipe, _config(tech, tech.families[0]))
-    assert not hasattr(pipe, "_fastgen") and pipe.scheduler is scheduler
+    assert not hasattr(pipe, "_fastgen") and getattr(pipe, "scheduler", None) is scheduler
 
 
 def test_every_registered_technique_has_an_entry_point():

@@ -12,7 +12,7 @@ import fastgen
 from fastgen import quant
 from fastgen.cli import main as cli_main
 from fastgen.errors import RecipeError, UnsupportedPipelineError
-from fastgen.quant.deploy import Int8Config, Int8Linear, _STATE
+from fastgen.quant.deploy import Int8Config, Int8Linear, int8_state
 from fastgen.quant.export import ExportError
 
 TINY = dict(hidden=32, layers=1, heads=2, text_hidden=16, text_layers=1)
@@ -110,7 +110,7 @@ def test_static_uses_qalora_per_timestep_scales(zoo):
         y, y_other = _run(pipe, inputs), _run(pipe, other)
         # the integer GEMM reproduces QALoRA's fake quantization at each timestep (its own table row)
         assert _rel(y, fq) < 1e-5 and _rel(y_other, fq_other) < 1e-5
-        rows = getattr(pipe.transformer, _STATE).rows
+        rows = int8_state(pipe).rows
         assert [r for _, r, _ in rows.trace] == [st.ctx.nearest(float(inputs["timestep"][0]))[0], 0]
         layer = next(m for m in pipe.transformer.modules() if isinstance(m, Int8Linear))
         assert layer.static and layer.act_scale.numel() == len(st.ctx.keys)

@@ -30,6 +30,7 @@ from ..api import apply_technique, remove_technique
 from ..caches.deepcache import StepTracker
 from ..errors import UnsupportedPipelineError, require_extra
 from ..hooks import HookBase, add_hook, remove_hook
+from ..adapters import DIFFUSION_FAMILIES
 from ..registry import Technique, register_technique
 from ..utils.logging import get_logger
 
@@ -512,6 +513,7 @@ register_technique(Technique(
     example="diffusers-fbc:0.05",
 ))
 register_technique(Technique(
+    families=DIFFUSION_FAMILIES,  # a diffusers denoiser; a next-scale AR model (var) is not one
     name="diffusers-taylorseer", config_cls=DiffusersTaylorSeerConfig, parse=_parse_taylorseer,
     install=_install_taylorseer, uninstall=_remove_diffusers_cache, on_call=_diffusers_cache_on_call,
     to_string=_ts_string, check=_taylorseer_check,
