@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-__all__ = ["BASE_WORDS", "build_word_tokenizer", "bytes_to_unicode"]
+__all__ = ["BASE_WORDS", "build_word_tokenizer", "bytes_to_unicode", "prefix_chain_bpe"]
 
 #: Words every fastgen tokenizer knows as single tokens (the shapes world adds its own vocabulary).
 BASE_WORDS: tuple[str, ...] = (
@@ -33,8 +33,14 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, (chr(c) for c in cs)))
 
 
-@lru_cache(maxsize=8)
-def _vocab_and_merges(words: tuple[str, ...]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+def prefix_chain_bpe(words) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Byte-level BPE tables in which each word is one token: every byte symbol (plain and word-final
+    ``</w>``), then for each word in the given order the chain of merges that builds it left to right
+    (``c + a``, ``ca + t</w>``), then the two CLIP specials.
+
+    Known quirk (it fixes the zoo's shipped token ids, so it stays): merges of earlier words can pre-empt a
+    later word's chain, so a few words of a large set end up as more than one token.
+    """
     byte_syms = list(bytes_to_unicode().values())
     vocab: dict[str, int] = {}
     for s in byte_syms:
@@ -43,9 +49,7 @@ def _vocab_and_merges(words: tuple[str, ...]) -> tuple[dict[str, int], list[tupl
         vocab.setdefault(s + "</w>", len(vocab))
     merges: list[tuple[str, str]] = []
     seen: set[tuple[str, str]] = set()
-    for word in sorted(set(w.lower() for w in words)):
-        if not word.isascii() or not word.isalpha():
-            raise ValueError(f"tokenizer words must be ASCII letters only, got {word!r}")
+    for word in words:
         syms = list(word[:-1]) + [word[-1] + "</w>"]
         left = syms[0]
         for right in syms[1:]:
@@ -58,6 +62,15 @@ def _vocab_and_merges(words: tuple[str, ...]) -> tuple[dict[str, int], list[tupl
     for special in ("<|startoftext|>", "<|endoftext|>"):
         vocab.setdefault(special, len(vocab))
     return vocab, merges
+
+
+@lru_cache(maxsize=8)
+def _vocab_and_merges(words: tuple[str, ...]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    words = sorted(set(w.lower() for w in words))
+    for word in words:
+        if not word.isascii() or not word.isalpha():
+            raise ValueError(f"tokenizer words must be ASCII letters only, got {word!r}")
+    return prefix_chain_bpe(words)
 
 
 def build_word_tokenizer(words: tuple[str, ...] | list[str] = BASE_WORDS, model_max_length: int = 77):

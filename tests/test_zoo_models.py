@@ -407,3 +407,20 @@ def test_quality_report_rows(tmp_path, monkeypatch):
     assert [r["row"] for r in rows][:2] == ["1 steps", "2 steps"] and rows[2]["overall"] == 1.0
     assert "chance" in rows[3]["row"] and all("fd" in r for r in rows[:3])
     assert "| 2 steps |" in report.markdown(rows)
+
+
+def test_zoo_tokenizer_tables_match_the_shipped_tokenizer():
+    """The zoo's BPE tables (fastgen.text.prefix_chain_bpe over ZOO_WORDS) reproduce the shipped models' ids."""
+    import json
+
+    from fastgen import zoo
+    from fastgen.zoo.builders import _zoo_vocab_and_merges
+
+    path = zoo.weights_path("shapes-mmdit") / "tokenizer" / "tokenizer.json"
+    if not path.exists():
+        pytest.skip("shapes-mmdit weights are not shipped in this install")
+    model = json.loads(path.read_text())["model"]
+    vocab, merges = _zoo_vocab_and_merges()
+    assert vocab == model["vocab"]
+    assert [list(m) if not isinstance(m, str) else m for m in merges] == [
+        m if isinstance(m, list) else m.split(" ") for m in model["merges"]]

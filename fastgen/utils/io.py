@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["torch_save_atomic", "load_checkpoint", "check_same_config", "Resumable"]
+__all__ = ["torch_save_atomic", "load_checkpoint", "check_same_config", "Resumable", "swap_in_dir"]
 
 
 def torch_save_atomic(obj: Any, path: str | os.PathLike) -> Path:
@@ -23,6 +23,21 @@ def torch_save_atomic(obj: Any, path: str | os.PathLike) -> Path:
     torch.save(obj, tmp)
     os.replace(tmp, path)
     return path
+
+
+def swap_in_dir(tmp: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Replace folder ``dst`` by the finished folder ``tmp`` (``dst`` moved aside first, deleted last), so a crash
+    leaves either the old folder or the new one in place, never a half-written one. Returns ``dst``."""
+    import shutil
+
+    tmp, dst = Path(tmp), Path(dst)
+    old = dst.with_name(dst.name + ".old")
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(tmp, dst)
+    if old.exists():
+        shutil.rmtree(old)
+    return dst
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any] | None:

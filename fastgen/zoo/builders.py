@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastgen.text import bytes_to_unicode  # GPT-2's fixed byte table (the merges below stay frozen here)
+from fastgen.text import prefix_chain_bpe
+from fastgen.utils.io import swap_in_dir
 from fastgen.zoo import MODELS, shapes
 from fastgen.zoo.attention import use_collapsed_zeros
 
@@ -76,34 +77,16 @@ ZOO_WORDS: tuple[str, ...] = (
 
 @lru_cache(maxsize=1)
 def _zoo_vocab_and_merges() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
-    """The zoo tokenizer's BPE tables, frozen here (a copy of ``fastgen.text``'s builder as of the first
-    trained models) so that retraining reproduces the shipped ids whatever later happens to ``fastgen.text``.
+    """The zoo tokenizer's BPE tables (:func:`fastgen.text.prefix_chain_bpe` over :data:`ZOO_WORDS`, sorted).
+    They must reproduce the shipped models' token ids: ``tests/test_zoo_models.py`` checks them against the
+    shipped ``tokenizer.json``, so a change to the builder cannot slip through.
 
     Known quirk, kept on purpose: the merges are per-word prefix chains in alphabetical order, so merges
     of earlier words can pre-empt a later word's chain; "triangle(s)" (6 tokens), "squares" and "three"
     (3 tokens) are not single tokens. 48 of the 552 prompts then exceed 16 tokens and are truncated (the
     pipeline logs a warning), but the truncated ids still identify every prompt uniquely.
     """
-    sym = list(bytes_to_unicode().values())
-    vocab: dict[str, int] = {}
-    for x in sym:
-        vocab.setdefault(x, len(vocab))
-    for x in sym:
-        vocab.setdefault(x + "</w>", len(vocab))
-    merges: list[tuple[str, str]] = []
-    seen: set[tuple[str, str]] = set()
-    for word in sorted(set(ZOO_WORDS)):
-        syms = list(word[:-1]) + [word[-1] + "</w>"]
-        left = syms[0]
-        for right in syms[1:]:
-            pair = (left, right)
-            left = left + right
-            if pair not in seen:
-                seen.add(pair)
-                merges.append(pair)
-                vocab.setdefault(left, len(vocab))
-    for special in ("<|startoftext|>", "<|endoftext|>"):
-        vocab.setdefault(special, len(vocab))
+    vocab, merges = prefix_chain_bpe(sorted(set(ZOO_WORDS)))
     return vocab, tuple(merges)
 
 
@@ -330,13 +313,7 @@ def save_pipeline(pipe, path: str | os.PathLike, meta: dict[str, Any] | None = N
     pipe.save_pretrained(tmp, safe_serialization=True)
     if meta is not None:
         (tmp / "fastgen_zoo.json").write_text(json.dumps(meta, indent=1, default=str))
-    old = path.with_name(path.name + ".old")
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old.exists():
-        shutil.rmtree(old)
-    return path
+    return swap_in_dir(tmp, path)
 
 
 def export_pipeline(src: str | os.PathLike, dst: str | os.PathLike, half: bool = False) -> Path:

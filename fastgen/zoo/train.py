@@ -63,7 +63,7 @@ import torch
 import torch.nn.functional as F
 
 from fastgen.utils.commands import CommandParser
-from fastgen.utils.io import Resumable, check_same_config
+from fastgen.utils.io import Resumable, check_same_config, swap_in_dir
 from fastgen.utils.logging import get_logger, log_to_stderr_with_time
 from fastgen.zoo import MODELS, shapes
 from fastgen.zoo.builders import ARCH, build_pipeline, check_model, export_pipeline, save_pipeline, set_collapsed_zeros
@@ -395,12 +395,7 @@ def _replace_dir(src: Path, dst: Path) -> None:
     if tmp.exists():
         shutil.rmtree(tmp)
     shutil.copytree(src, tmp)
-    old = dst.with_name(dst.name + ".old")
-    if dst.exists():
-        os.replace(dst, old)
-    os.replace(tmp, dst)
-    if old.exists():
-        shutil.rmtree(old)
+    swap_in_dir(tmp, dst)
 
 
 # --------------------------------------------------------------------------------------------------
