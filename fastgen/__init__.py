@@ -23,6 +23,7 @@ from .errors import (
     FastgenError,
     IncompatibleTechniquesError,
     MissingExtraError,
+    MissingFileError,
     RecipeError,
     UnsupportedPipelineError,
 )
@@ -71,5 +72,5 @@ __all__ = [
     "__version__", "accelerate", "remove", "summary", "parse_recipe", "recipe_string", "register_technique",
     "list_techniques", "Technique", "Adapter", "get_adapter", "supported_pipelines", "load_model", "list_models", "load_default",
     "StepsConfig", "FastgenError", "RecipeError", "UnsupportedPipelineError", "IncompatibleTechniquesError",
-    "MissingExtraError", "get_logger", "set_verbosity", "apply_technique", "remove_technique", *CONFIGS,
+    "MissingExtraError", "MissingFileError", "get_logger", "set_verbosity", "apply_technique", "remove_technique", *CONFIGS,
 ]

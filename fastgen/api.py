@@ -18,11 +18,12 @@ The core owns every technique's life cycle; a technique only supplies ``install`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
 from .adapters import get_adapter
-from .errors import IncompatibleTechniquesError, RecipeError, UnsupportedPipelineError
+from .errors import FastgenError, IncompatibleTechniquesError, MissingFileError, RecipeError, UnsupportedPipelineError
 from .hooks import PipelineState, attach, detach_if_empty, get_state, retarget_step_counter
 from .registry import Technique, get_technique, parse_recipe, recipe_string, technique_for_config
 from .utils.logging import get_logger
@@ -79,8 +80,24 @@ def _plan(pipe, configs: list[Any]) -> list[tuple[Technique, Any]]:
     _check_compatible([t.name for t, _ in plan], already)
     for tech, cfg in plan:
         if tech.check is not None:
-            tech.check(pipe, adapter, cfg)
+            with refusal(tech):
+                tech.check(pipe, adapter, cfg)
     return plan
+
+
+@contextlib.contextmanager
+def refusal(tech: Technique):
+    """A technique's refusal (``check``/``install`` raising ``ValueError`` or ``FileNotFoundError``) reaches the
+    user as a :class:`FastgenError` (``RecipeError`` / ``MissingFileError``, still a ``ValueError`` /
+    ``FileNotFoundError``), so ``except fastgen.FastgenError`` catches every refusal and the CLI prints one line."""
+    try:
+        yield
+    except FastgenError:
+        raise
+    except FileNotFoundError as e:
+        raise MissingFileError(f"{tech.name}: {e}") from e
+    except ValueError as e:
+        raise RecipeError(f"{tech.name}: {e}") from e
 
 
 def accelerate(pipe, *configs_or_recipes: Any):
@@ -152,7 +169,8 @@ def _install(pipe, tech: Technique, cfg: Any) -> None:
         st = attach(pipe)
         st.busy += 1
         try:
-            handle = tech.install(pipe, st, cfg)
+            with refusal(tech):
+                handle = tech.install(pipe, st, cfg)
         except BaseException:
             detach_if_empty(pipe)
             raise

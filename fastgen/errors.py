@@ -6,8 +6,7 @@ import importlib
 
 __all__ = [
     "FastgenError", "RecipeError", "UnsupportedPipelineError", "IncompatibleTechniquesError",
-    "MissingExtraError", "require_extra",
-]
+    "MissingExtraError", "require_extra", "MissingFileError"]
 
 
 class FastgenError(Exception):
@@ -24,6 +23,10 @@ class UnsupportedPipelineError(FastgenError, ValueError):
 
 class IncompatibleTechniquesError(FastgenError, ValueError):
     """Two requested techniques cannot be stacked."""
+
+
+class MissingFileError(FastgenError, FileNotFoundError):
+    """A file a technique or model needs does not exist; the message names it and what exists instead."""
 
 
 class MissingExtraError(FastgenError, ImportError):

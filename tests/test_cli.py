@@ -110,3 +110,10 @@ def test_app_and_cli_share_the_public_default_model(monkeypatch, tmp_path):
 
     monkeypatch.setattr(zoo, "WEIGHTS_DIR", tmp_path / "none")
     assert default_model() == FALLBACK_MODEL == app.default_model() == cli.FALLBACK_MODEL
+
+
+def test_technique_refusal_in_bench_is_one_line_exit_2(capsys):
+    """A technique that refuses the pipeline (a plain ValueError inside the sampler) is a fastgen error line."""
+    assert cli.main(["bench", "--model", "tiny-sd3", "--recipe", "sampler:ddim@8", "--repeats", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("fastgen: error: sampler:") and "flow-matching" in err

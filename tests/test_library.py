@@ -161,3 +161,25 @@ def test_quant_building_blocks_show_in_summary_and_remove_restores():
     assert list(fastgen.summary(pipe)["techniques"]) == ["int8"]
     fastgen.remove(pipe)
     assert torch.equal(_images(pipe), ref)
+
+
+# --------------------------------------------------------------------------------------------------
+# One error hierarchy at the core's boundary
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family, recipe, kind", [
+    ("sd3", "sampler:ddim@8", ValueError),          # a sampler for the other kind of model
+    ("sd3", "schedule:nosuch", FileNotFoundError),  # no such shipped schedule
+    ("sana", "blockcache:0.9", ValueError),         # the tiny Sana has too few blocks to cache
+])
+def test_technique_refusals_are_fastgen_errors(family, recipe, kind):
+    """A refusal raised as a plain ValueError/FileNotFoundError inside a technique reaches the user as a
+    FastgenError (still the built-in type, for old ``except`` clauses), and nothing is patched."""
+    pipe = tiny_pipeline(family)
+    scheduler = pipe.scheduler
+    with pytest.raises(FastgenError) as info:
+        fastgen.accelerate(pipe, recipe)
+    assert isinstance(info.value, kind)
+    assert str(info.value).startswith(recipe.split(":")[0] + ":") or "schedule" in str(info.value)
+    assert not hasattr(pipe, "_fastgen") and pipe.scheduler is scheduler
