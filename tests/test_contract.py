@@ -19,10 +19,11 @@ import pytest
 import torch
 
 import fastgen
+import fastgen.zoo
 from fastgen.api import apply_technique
 from fastgen.errors import FastgenError, MissingExtraError, UnsupportedPipelineError
 from fastgen.ar import VARPipeline
-from fastgen.testing import KINDS, default_call_kwargs, tiny_pipeline
+from fastgen.testing import KINDS, default_call_kwargs, tiny_pipeline, tiny_resolution
 
 # Configs where the technique's example would be a no-op on tiny random-weight pipelines (few tokens)
 # or needs a family-specific setting; (technique, family) -> recipe. Otherwise the technique's example.
@@ -73,8 +74,10 @@ def _call(pipe, steps: int | None):
         return np.asarray(pipe(class_labels=[label], generator=torch.Generator().manual_seed(0), output_type="np").images,
                           dtype=np.float32)
     kw = default_call_kwargs(pipe, steps=steps)
-    if "prompt" in kw and "height" in kw:
-        kw.update(height=32, width=32)
+    family = fastgen.get_adapter(pipe).family
+    hw = tiny_resolution(family) if family in KINDS and fastgen.zoo.name_of(pipe) is None else None
+    if hw is not None:  # the tiny size (Sana's default is 1024 px: minutes per case on 2 CPU cores)
+        kw.update(height=hw[0], width=hw[1])
     out = pipe(**kw, output_type="np")
     images = out.images if hasattr(out, "images") else out
     return np.asarray(images, dtype=np.float32)
