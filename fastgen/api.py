@@ -163,6 +163,22 @@ def _put_back(pipe, configs: list[Any]) -> None:
         _install(pipe, technique_for_config(cfg), cfg)
 
 
+def _record(st: PipelineState, tech: Technique, cfg: Any, handle: Any) -> None:
+    """Note ``tech`` as applied with ``cfg`` (in order), keep its ``handle`` and register its ``on_call``."""
+    st.applied[tech.name] = cfg
+    st.saved[tech.name] = handle
+    if tech.on_call is not None:
+        on_call = tech.on_call
+        st.call_hooks[tech.name] = lambda p, kwargs: on_call(p, handle, kwargs)
+
+
+def _forget(st: PipelineState, name: str) -> None:
+    """Drop every record :func:`_record` made for ``name``."""
+    del st.applied[name]
+    st.saved.pop(name, None)
+    st.call_hooks.pop(name, None)
+
+
 def _install(pipe, tech: Technique, cfg: Any) -> None:
     lifted = _lift_others(pipe, tech.name) if tech.replaces_denoiser else []
     try:
@@ -176,11 +192,7 @@ def _install(pipe, tech: Technique, cfg: Any) -> None:
             raise
         finally:
             st.busy -= 1
-        st.applied[tech.name] = cfg
-        st.saved[tech.name] = handle
-        if tech.on_call is not None:
-            on_call = tech.on_call
-            st.call_hooks[tech.name] = lambda p, kwargs: on_call(p, handle, kwargs)
+        _record(st, tech, cfg, handle)
         if tech.replaces_denoiser:
             retarget_step_counter(pipe)
     finally:
@@ -196,9 +208,7 @@ def _uninstall(pipe, tech: Technique) -> None:
             tech.uninstall(pipe, st, st.saved[tech.name])
         finally:
             st.busy -= 1
-        del st.applied[tech.name]
-        st.saved.pop(tech.name, None)
-        st.call_hooks.pop(tech.name, None)
+        _forget(st, tech.name)
         if st.applied and tech.replaces_denoiser:
             retarget_step_counter(pipe)
         detach_if_empty(pipe)
@@ -246,11 +256,7 @@ def adopt(pipe, name: str, config: Any, handle: Any = None) -> bool:
     except UnsupportedPipelineError:
         logger.debug("%s applied to an unsupported %s: not recorded", name, type(pipe).__name__)
         return False
-    st.applied[name] = config
-    st.saved[name] = handle
-    if tech.on_call is not None:
-        on_call = tech.on_call
-        st.call_hooks[name] = lambda p, kwargs: on_call(p, handle, kwargs)
+    _record(st, tech, config, handle)
     return True
 
 
@@ -260,9 +266,7 @@ def release(pipe, name: str) -> None:
     st = get_state(pipe)
     if st is None or st.busy or name not in st.applied:
         return
-    del st.applied[name]
-    st.saved.pop(name, None)
-    st.call_hooks.pop(name, None)
+    _forget(st, name)
     detach_if_empty(pipe)
 
 
